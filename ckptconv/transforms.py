@@ -1,0 +1,257 @@
+"""The vocabulary of tensor transforms a mapping table may name.
+
+A transform maps the list of HF tensors one table row consumes to the list of Megatron tensors it
+produces (``forward``), and back (``inverse``); ``inverse(forward(x)) == x`` bit for bit, which is
+what makes export "the same table read backwards". Transforms never guess a layout from a shape:
+everything they need (head counts, vocab padding, expert counts) comes from the
+:class:`TransformContext`, and they check the shapes they are given against it.
+
+Families may register more transforms with :func:`register` (in their normalizer module).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ckptconv.errors import ConversionError
+from ckptconv.spec import ModelSpec
+
+Tensors = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TransformContext:
+    spec: ModelSpec
+    indices: dict[str, int] = field(default_factory=dict)
+    """Placeholder values of this row, e.g. ``{"layer": 3}``."""
+    padded_vocab_size: int = 0
+    where: str = ""
+    """The HF key(s) this row reads; used in error messages."""
+    params: dict = field(default_factory=dict)
+    """Per-row parameters from the table (``params = {...}``)."""
+
+    def fail(self, message: str) -> ConversionError:
+        return ConversionError(f"{self.where}: {message}")
+
+
+@dataclass(frozen=True)
+class Transform:
+    name: str
+    forward: Callable[[Tensors, TransformContext], Tensors]
+    inverse: Callable[[Tensors, TransformContext], Tensors]
+    arity: tuple[int | None, int | None]
+    """(number of HF tensors, number of Megatron tensors); None = as many as the row lists."""
+
+
+TRANSFORMS: dict[str, Transform] = {}
+
+
+def register(name: str, arity: tuple[int | None, int | None]):
+    """Decorator for a ``(forward, inverse)`` pair factory: ``@register("x", (1, 1))``."""
+
+    def wrap(factory: Callable[[], tuple[Callable, Callable]]):
+        forward, inverse = factory()
+        TRANSFORMS[name] = Transform(name, forward, inverse, arity)
+        return factory
+
+    return wrap
+
+
+def get(name: str) -> Transform:
+    if name not in TRANSFORMS:
+        raise ConversionError(f"unknown transform {name!r}; known: {', '.join(sorted(TRANSFORMS))}")
+    return TRANSFORMS[name]
+
+
+def _expect_shape(t: torch.Tensor, shape: tuple[int, ...], what: str, ctx: TransformContext) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ctx.fail(f"{what} has shape {list(t.shape)}, expected {list(shape)} from the config")
+
+
+# ----------------------------------------------------------------------------------------------
+@register("copy", (1, 1))
+def _copy():
+    return (lambda ts, ctx: [ts[0]]), (lambda ts, ctx: [ts[0]])
+
+
+# ----------------------------------------------------------------------------------------------
+def _attention_geometry(ctx: TransformContext) -> tuple[int, int, int]:
+    """(query heads, query groups, head dim) of this row's layer; Step3.7 overrides heads per layer."""
+    spec = ctx.spec
+    heads, groups, head_dim = spec.num_attention_heads, spec.num_query_groups, spec.head_dim
+    per_layer = spec.extra.get("per_layer_attention", {})
+    layer = ctx.indices.get("layer")
+    if layer is not None and layer in per_layer:
+        override = per_layer[layer]
+        heads = override.get("num_attention_heads", heads)
+        groups = override.get("num_query_groups", groups)
+        head_dim = override.get("head_dim", head_dim)
+    return heads, groups, head_dim
+
+
+@register("fuse_qkv", (3, 1))
+def _fuse_qkv():
+    """q, k, v -> Megatron's linear_qkv: rows interleaved per query group, ``[q_g, k_g, v_g]`` for
+    each group g, where q_g holds ``heads/groups`` heads. Works for weights ``[rows, in]`` and
+    biases ``[rows]`` alike (the trailing dims ride along)."""
+
+    def forward(ts, ctx):
+        q, k, v = ts
+        heads, groups, d = _attention_geometry(ctx)
+        tail = tuple(q.shape[1:])
+        _expect_shape(q, (heads * d, *tail), "q", ctx)
+        _expect_shape(k, (groups * d, *tail), "k", ctx)
+        _expect_shape(v, (groups * d, *tail), "v", ctx)
+        per_group = heads // groups
+        fused = torch.cat(
+            [
+                q.reshape(groups, per_group * d, *tail),
+                k.reshape(groups, d, *tail),
+                v.reshape(groups, d, *tail),
+            ],
+            dim=1,
+        )
+        return [fused.reshape((heads + 2 * groups) * d, *tail)]
+
+    def inverse(ts, ctx):
+        (qkv,) = ts
+        heads, groups, d = _attention_geometry(ctx)
+        tail = tuple(qkv.shape[1:])
+        _expect_shape(qkv, ((heads + 2 * groups) * d, *tail), "linear_qkv", ctx)
+        per_group = heads // groups
+        grouped = qkv.reshape(groups, (per_group + 2) * d, *tail)
+        q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
+        return [
+            q.reshape(heads * d, *tail).contiguous(),
+            k.reshape(groups * d, *tail).contiguous(),
+            v.reshape(groups * d, *tail).contiguous(),
+        ]
+
+    return forward, inverse
+
+
+# ----------------------------------------------------------------------------------------------
+@register("fuse_gate_up", (2, 1))
+def _fuse_gate_up():
+    """gate, up -> linear_fc1 = cat(gate, up) along the output dim (Megatron's SwiGLU layout).
+    Also works on expert stacks ``[E, F, H]`` when ``params.dim = 1``."""
+
+    def forward(ts, ctx):
+        gate, up = ts
+        if gate.shape != up.shape:
+            raise ctx.fail(f"gate {list(gate.shape)} and up {list(up.shape)} differ in shape")
+        return [torch.cat([gate, up], dim=ctx.params.get("dim", 0))]
+
+    def inverse(ts, ctx):
+        (fc1,) = ts
+        dim = ctx.params.get("dim", 0)
+        if fc1.shape[dim] % 2:
+            raise ctx.fail(f"linear_fc1 has odd size {fc1.shape[dim]} on dim {dim}")
+        gate, up = torch.chunk(fc1, 2, dim=dim)
+        return [gate.contiguous(), up.contiguous()]
+
+    return forward, inverse
+
+
+# ----------------------------------------------------------------------------------------------
+@register("transpose", (1, 1))
+def _transpose():
+    """A 2D tensor stored the other way round (ERNIE's router gates are ``[hidden, experts]`` on
+    disk, Megatron's router weight is ``[experts, hidden]``)."""
+
+    def forward(ts, ctx):
+        (t,) = ts
+        if t.ndim != 2:
+            raise ctx.fail(f"transpose expects a 2D tensor, got shape {list(t.shape)}")
+        return [t.t().contiguous()]
+
+    return forward, forward
+
+
+# ----------------------------------------------------------------------------------------------
+@register("pad_vocab", (1, 1))
+def _pad_vocab():
+    """Megatron pads the vocabulary so it splits evenly over TP (see ``layout.padded_vocab_size``).
+    Pad rows are zeros; export drops them."""
+
+    def forward(ts, ctx):
+        (t,) = ts
+        vocab = ctx.spec.vocab_size
+        _expect_shape(t, (vocab, *t.shape[1:]), "embedding / output layer", ctx)
+        pad = ctx.padded_vocab_size - vocab
+        if pad < 0:
+            raise ctx.fail(f"padded vocab {ctx.padded_vocab_size} is smaller than vocab {vocab}")
+        if pad == 0:
+            return [t]
+        return [torch.cat([t, t.new_zeros((pad, *t.shape[1:]))], dim=0)]
+
+    def inverse(ts, ctx):
+        (t,) = ts
+        _expect_shape(t, (ctx.padded_vocab_size, *t.shape[1:]), "padded embedding / output layer", ctx)
+        return [t[: ctx.spec.vocab_size].contiguous()]
+
+    return forward, inverse
+
+
+# ----------------------------------------------------------------------------------------------
+@register("split_rows", (1, None))
+def _split_rows():
+    """One HF tensor whose rows go to different Megatron tensors (ERNIE's
+    ``moe_statics.e_score_correction_bias`` ``[2, E]``: row 0 text pool, row 1 vision pool)."""
+
+    def forward(ts, ctx):
+        (t,) = ts
+        return [row.contiguous() for row in t.unbind(0)]
+
+    def inverse(ts, ctx):
+        return [torch.stack(ts, dim=0)]
+
+    return forward, inverse
+
+
+# ----------------------------------------------------------------------------------------------
+@register("split_experts", (1, None))
+def _split_experts():
+    """A stacked expert tensor ``[E, ...]`` (Step3.7 stores experts stacked) -> one tensor per
+    expert, as Megatron's expert axis holds them."""
+
+    def forward(ts, ctx):
+        (t,) = ts
+        return [e.contiguous() for e in t.unbind(0)]
+
+    def inverse(ts, ctx):
+        return [torch.stack(ts, dim=0)]
+
+    return forward, inverse
+
+
+@register("fuse_gate_up_split_experts", (2, None))
+def _fuse_gate_up_split_experts():
+    """Stacked gate ``[E, F, H]`` and up ``[E, F, H]`` -> per expert linear_fc1 ``[2F, H]``."""
+
+    def forward(ts, ctx):
+        gate, up = ts
+        if gate.shape != up.shape or gate.ndim != 3:
+            raise ctx.fail(f"expected stacked gate/up [E, F, H] of equal shape, got {list(gate.shape)} and {list(up.shape)}")
+        return [torch.cat([g, u], dim=0) for g, u in zip(gate.unbind(0), up.unbind(0))]
+
+    def inverse(ts, ctx):
+        pairs = [torch.chunk(fc1, 2, dim=0) for fc1 in ts]
+        return [torch.stack([g for g, _ in pairs]), torch.stack([u for _, u in pairs])]
+
+    return forward, inverse
+
+
+# ----------------------------------------------------------------------------------------------
+@register("copy_all", (None, None))
+def _copy_all():
+    """Several tensors copied one-to-one (the i-th HF name to the i-th Megatron name); keeps
+    tables of replicated modules short. Each pair is still its own tensor in the checkpoint."""
+
+    def same(ts, ctx):
+        return list(ts)
+
+    return same, same
