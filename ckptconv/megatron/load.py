@@ -1,0 +1,255 @@
+"""Find, inspect and load Megatron-Core ``torch_dist`` checkpoints into the per-family Megatron models.
+
+Layouts accepted for ``ckpt``:
+
+* Megatron-LM / ckptconv: ``ckpt/latest_checkpointed_iteration.txt`` naming ``release`` or an
+  iteration, the checkpoint in ``ckpt/release/`` or ``ckpt/iter_0000123/``;
+* a bare checkpoint directory (holds ``.metadata``).
+
+``config.json`` / ``ckptconv.json`` (written by the converter) are looked up in the checkpoint
+directory and its parent, so both ``OUT`` and ``OUT/release`` work.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ckptconv.errors import ConversionError
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+EMBEDDING_KEY = "language_model.embedding.word_embeddings.weight"
+
+#: family -> module holding ``build_model(spec, *, padded_vocab_size, dtype, **family_kwargs)``.
+FAMILY_MODULES: dict[str, str] = {
+    "qwen2_5_vl": "ckptconv.megatron.qwen2_5_vl",
+    "ernie4_5_vl_moe": "ckptconv.megatron.ernie4_5_vl_moe",
+    "step3p7": "ckptconv.megatron.step3p7",
+}
+
+
+def model_builder(family: str) -> Callable[..., torch.nn.Module]:
+    """The family's ``build_model``; a clear error when the family or its module is missing."""
+    if family not in FAMILY_MODULES:
+        raise ConversionError(f"no Megatron model for family {family!r}; known: {', '.join(sorted(FAMILY_MODULES))}")
+    module_name = FAMILY_MODULES[family]
+    if importlib.util.find_spec(module_name) is None:
+        raise ConversionError(f"the Megatron model for family {family!r} ({module_name}) is not available yet")
+    return importlib.import_module(module_name).build_model
+
+
+# --------------------------------------------------------------------------- locating a checkpoint
+
+
+def resolve_checkpoint_dir(ckpt: str | Path) -> Path:
+    """The directory holding ``.metadata`` for ``ckpt`` (tracker file -> release/ or iter_N/, or bare)."""
+    root = Path(ckpt)
+    if not root.exists():
+        raise ConversionError(f"{root}: checkpoint directory does not exist")
+    tracker = root / TRACKER_FILE
+    if tracker.is_file():
+        tag = tracker.read_text().strip()
+        if tag == "release":
+            sub = root / "release"
+        elif tag.isdigit():
+            sub = root / f"iter_{int(tag):07d}"
+        else:
+            raise ConversionError(f"{tracker}: expected 'release' or an iteration number, found {tag!r}")
+        if not (sub / ".metadata").is_file():
+            raise ConversionError(f"{tracker} points to {sub.name}/, which holds no torch_dist checkpoint (.metadata)")
+        return sub
+    if (root / ".metadata").is_file():
+        return root
+    raise ConversionError(f"{root}: neither {TRACKER_FILE} nor a torch_dist checkpoint (.metadata) found")
+
+
+def find_sidecar(ckpt: str | Path, name: str) -> Path | None:
+    """``config.json`` / ``ckptconv.json`` next to the checkpoint: in ``ckpt``, then its parent."""
+    root = Path(ckpt)
+    for where in (root, root.parent):
+        if (where / name).is_file():
+            return where / name
+    return None
+
+
+def checkpoint_metadata(ckpt: str | Path):
+    """torch.distributed.checkpoint metadata: keys, global shapes, chunks (no process group needed)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(resolve_checkpoint_dir(ckpt))).read_metadata()
+
+
+def checkpoint_tensor_shapes(ckpt: str | Path) -> dict[str, tuple[int, ...]]:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = checkpoint_metadata(ckpt)
+    return {
+        k: tuple(v.size) for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+    }
+
+
+def padded_vocab_size(ckpt: str | Path, tp: int = 1) -> int:
+    """Vocab rows the checkpoint was written with (embedding global shape, else ckptconv.json).
+
+    The padding is fixed at conversion time; a model loading it must use the same size, which must
+    divide evenly over ``tp``.
+    """
+    shapes = checkpoint_tensor_shapes(ckpt)
+    if EMBEDDING_KEY in shapes:
+        padded = shapes[EMBEDDING_KEY][0]
+    else:
+        sidecar = find_sidecar(resolve_checkpoint_dir(ckpt), "ckptconv.json")
+        if sidecar is None or "padded_vocab_size" not in json.loads(sidecar.read_text()):
+            raise ConversionError(f"{ckpt}: no {EMBEDDING_KEY} in the checkpoint and no padded_vocab_size in ckptconv.json")
+        padded = int(json.loads(sidecar.read_text())["padded_vocab_size"])
+    if padded % tp:
+        raise ConversionError(
+            f"{ckpt}: padded vocab size {padded} is not divisible by tp={tp}; reconvert with --tp {tp}"
+        )
+    return padded
+
+
+def checkpoint_spec(ckpt: str | Path, fallback_config: str | Path | None = None):
+    """The ModelSpec for a checkpoint: its own config.json, else ``fallback_config`` (an HF dir or file)."""
+    from ckptconv.families import normalize_config
+
+    cfg_path = find_sidecar(resolve_checkpoint_dir(ckpt), "config.json")
+    if cfg_path is None and fallback_config is not None:
+        p = Path(fallback_config)
+        cfg_path = p / "config.json" if p.is_dir() else p
+    if cfg_path is None or not cfg_path.is_file():
+        raise ConversionError(f"{ckpt}: no config.json next to the checkpoint")
+    spec = normalize_config(json.loads(cfg_path.read_text()), where=str(cfg_path))
+    sidecar = find_sidecar(resolve_checkpoint_dir(ckpt), "ckptconv.json")
+    if sidecar is not None:
+        family = json.loads(sidecar.read_text()).get("family")
+        if family and family != spec.family:
+            raise ConversionError(f"{sidecar}: family {family!r} disagrees with config.json ({spec.family!r})")
+    return spec
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _short(keys, n: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_megatron_checkpoint(model: torch.nn.Module, ckpt: str | Path) -> torch.nn.Module:
+    """Strict load: every key the model asks for must be in the checkpoint and vice versa."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    ckpt_dir = resolve_checkpoint_dir(ckpt)
+    try:
+        state_dict, missing, unexpected = dist_checkpointing.load(
+            model.sharded_state_dict(), str(ckpt_dir), strict=StrictHandling.RETURN_ALL
+        )
+    except ConversionError:
+        raise
+    except Exception as exc:  # shape mismatches etc. surface as CheckpointingException / RuntimeError
+        raise ConversionError(f"{ckpt_dir}: cannot load into the {type(model).__name__} model: {exc}") from exc
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing from checkpoint: {_short(missing)}")
+        if unexpected:
+            parts.append(f"not used by the model: {_short(unexpected)}")
+        raise ConversionError(f"{ckpt_dir}: checkpoint keys do not match the model; " + "; ".join(parts))
+    # The model's non-checkpointed entries (e.g. output_layer._extra_state, which GPTModel leaves out
+    # of its sharded state dict) keep their values; everything else must have been loaded.
+    result = model.load_state_dict(state_dict, strict=False)
+    not_loaded = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if not_loaded or result.unexpected_keys:
+        raise ConversionError(
+            f"{ckpt_dir}: loaded state does not cover the model: missing {_short(not_loaded)}, "
+            f"unexpected {_short(result.unexpected_keys)}"
+        )
+    return model
+
+
+def build_and_load(
+    ckpt: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", fallback_config=None
+):
+    """Build the family's Megatron model for ``ckpt`` at the current TP size and load it. Returns (model, spec)."""
+    from megatron.core import parallel_state
+
+    spec = checkpoint_spec(ckpt, fallback_config)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model = model_builder(spec.family)(spec, padded_vocab_size=padded_vocab_size(ckpt, tp), dtype=dtype)
+    load_megatron_checkpoint(model, ckpt)
+    return model.to(device).eval(), spec
+
+
+# --------------------------------------------------------------------------- in-memory helpers
+
+
+def _leaves(sharded_state_dict):
+    """ShardedTensor / ShardedObject leaves, with factories built (e.g. SwiGLU fc1's two chunks)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    stack = [sharded_state_dict]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        elif isinstance(node, ShardedTensorFactory):
+            stack.append(node.build())
+        else:
+            yield node
+
+
+def sharded_manifest(sharded_state_dict) -> dict[str, dict]:
+    """``{key: {"shape", "dtype", "kind"}}`` of the checkpoint a model's sharded state dict describes."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    manifest: dict[str, dict] = {}
+    for leaf in _leaves(sharded_state_dict):
+        if isinstance(leaf, ShardedTensor):
+            entry = {"shape": list(leaf.global_shape), "dtype": str(leaf.dtype).removeprefix("torch."), "kind": "tensor"}
+        elif isinstance(leaf, ShardedObject):
+            entry = {"shape": list(leaf.global_shape), "dtype": None, "kind": "object"}
+        else:
+            continue
+        if manifest.setdefault(leaf.key, entry) != entry:
+            raise ConversionError(f"{leaf.key}: inconsistent shards ({manifest[leaf.key]} vs {entry})")
+    return dict(sorted(manifest.items()))
+
+
+@torch.no_grad()
+def fill_from_global_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Copy each rank's shard out of full (global, checkpoint-keyed) tensors into the model, in place.
+
+    The same slicing ``dist_checkpointing.load`` does, without a checkpoint on disk: lets tests put
+    HF weights into a Megatron model at any TP size through the key contract alone.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    needed = set()
+    for leaf in _leaves(model.sharded_state_dict()):
+        if not isinstance(leaf, ShardedTensor):
+            continue
+        needed.add(leaf.key)
+        if leaf.key not in tensors:
+            raise ConversionError(f"{leaf.key}: not among the given tensors")
+        full = tensors[leaf.key]
+        if tuple(full.shape) != tuple(leaf.global_shape):
+            raise ConversionError(f"{leaf.key}: global shape {tuple(full.shape)}, model expects {leaf.global_shape}")
+        # local_shape excludes the prepended axes (e.g. the layer axis of stacked layers): extent 1 there.
+        p = leaf.prepend_axis_num
+        extents = (1,) * p + tuple(leaf.local_shape)
+        region = full[tuple(slice(o, o + n) for o, n in zip(leaf.global_offset, extents))]
+        leaf.data.copy_(region.reshape(leaf.data.shape))
+    extra = set(tensors) - needed
+    if extra:
+        raise ConversionError(f"tensors the model does not use: {_short(extra)}")
+    return model
