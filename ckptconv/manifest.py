@@ -1,0 +1,69 @@
+"""``ckptconv.json``: what a converted checkpoint is, so it can be exported and checked later
+without the original model at hand."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+import ckptconv
+from ckptconv.errors import ConversionError
+
+MANIFEST_NAME = "ckptconv.json"
+TRACKER_NAME = "latest_checkpointed_iteration.txt"
+RELEASE_DIR = "release"
+
+
+def versions() -> dict:
+    import megatron.core
+    import safetensors
+    import transformers
+
+    return {
+        "ckptconv": ckptconv.__version__,
+        "torch": torch.__version__,
+        "megatron_core": getattr(megatron.core, "__version__", "unknown"),
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def sha256_file(path: Path, block: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(checkpoint: Path) -> dict | None:
+    """The manifest of a ckptconv checkpoint (OUT or OUT/release), or None for one Megatron wrote."""
+    for candidate in (Path(checkpoint) / MANIFEST_NAME, Path(checkpoint).parent / MANIFEST_NAME):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConversionError(f"{candidate}: not valid JSON: {exc}") from None
+    return None
+
+
+def check_checkpoint(out: Path) -> list[str]:
+    """Re-hash every file the manifest lists; return the problems (empty when intact)."""
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise ConversionError(f"{out}: no {MANIFEST_NAME}; not a checkpoint written by ckptconv")
+    problems = []
+    for rel, expected in sorted(manifest.get("files", {}).items()):
+        path = Path(out) / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_file(path) != expected:
+            problems.append(f"{rel}: checksum mismatch")
+    return problems

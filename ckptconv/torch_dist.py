@@ -1,0 +1,331 @@
+"""Write and read megatron-core ``torch_dist`` checkpoints chunk by chunk.
+
+The format is PyTorch Distributed Checkpoint (DCP) plus two megatron files:
+
+- ``__<rank>_<n>.distcp``: each tensor chunk ``torch.save``-d back to back; each ShardedObject
+  (``_extra_state``) as the bytes of ``torch.save([obj])``;
+- ``.metadata``: a pickled ``torch.distributed.checkpoint.metadata.Metadata`` with every key's
+  global shape, dtype and chunk list, and where each chunk's bytes live;
+- ``metadata.json`` (``{"sharded_backend": "torch_dist", ...}``) and ``common.pt`` (the
+  non-sharded part of the state dict; empty for a model).
+
+``dist_checkpointing.save`` needs the whole state dict in memory at once. Writing the format
+ourselves lets us stream: a chunk is serialized, written and freed before the next is read. Reading
+uses the chunk table directly, so a single tensor can be fetched without loading the rest, and the
+``.metadata`` pickle is loaded with an unpickler that only admits the DCP metadata classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from ckptconv.errors import ConversionError
+
+MEGATRON_METADATA = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+EXTRA_STATE_BYTES_OBJECT = [None]
+"""What a local-spec (non-Transformer-Engine) linear's ``_extra_state`` ShardedObject holds."""
+
+
+def _serialize(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _standalone(tensor: torch.Tensor) -> torch.Tensor:
+    """``torch.save`` writes a view's whole storage; make sure only the chunk's bytes are saved."""
+    tensor = tensor.contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.nbytes or tensor.storage_offset() != 0:
+        tensor = tensor.clone()
+    return tensor
+
+
+@dataclass
+class LocalIndex:
+    """What one rank wrote: merged by rank 0 into the checkpoint's ``.metadata``."""
+
+    tensors: dict[str, tuple[torch.Size, torch.dtype, list[ChunkStorageMetadata]]] = field(default_factory=dict)
+    objects: set[str] = field(default_factory=set)
+    storage: dict[MetadataIndex, _StorageInfo] = field(default_factory=dict)
+    file_hashes: dict[str, str] = field(default_factory=dict)
+    bytes_written: int = 0
+
+
+class DistCheckpointWriter:
+    """Appends chunks to ``__<rank>_0.distcp`` from a background thread (serialize here, write
+    there, so reading the next HF tensor overlaps with writing this one)."""
+
+    def __init__(self, directory: Path, rank: int = 0, queue_depth: int = 4):
+        self.directory = Path(directory)
+        self.file_name = f"__{rank}_0.distcp"
+        self.index = LocalIndex()
+        self._file = open(self.directory / self.file_name, "wb")
+        self._hash = hashlib.sha256()
+        self._offset = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="ckptconv-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            payload = self._queue.get()
+            if payload is None:
+                return
+            if self._error is None:
+                try:
+                    self._file.write(payload)
+                    self._hash.update(payload)
+                except BaseException as exc:  # disk full etc.: surfaced on the next put / close
+                    self._error = exc
+
+    def _put(self, payload: bytes) -> _StorageInfo:
+        if self._error is not None:
+            raise ConversionError(f"writing {self.directory / self.file_name} failed: {self._error}")
+        info = _StorageInfo(self.file_name, self._offset, len(payload))
+        self._offset += len(payload)
+        self.index.bytes_written += len(payload)
+        self._queue.put(payload)
+        return info
+
+    def write_chunk(self, key: str, global_shape: tuple[int, ...], offsets: tuple[int, ...], chunk: torch.Tensor) -> None:
+        size = torch.Size(global_shape)
+        entry = self.index.tensors.get(key)
+        if entry is None:
+            entry = self.index.tensors[key] = (size, chunk.dtype, [])
+        elif entry[0] != size or entry[1] != chunk.dtype:
+            raise ConversionError(
+                f"{key}: inconsistent global tensor: {list(entry[0])} {entry[1]} vs {list(size)} {chunk.dtype} (shape mismatch between layers?)"
+            )
+        chunk_md = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=chunk.shape)
+        entry[2].append(chunk_md)
+        self.index.storage[MetadataIndex(key, torch.Size(offsets))] = self._put(_serialize(_standalone(chunk)))
+
+    def write_object(self, fqn: str, obj) -> None:
+        if fqn in self.index.objects:
+            raise ConversionError(f"object {fqn} written twice")
+        self.index.objects.add(fqn)
+        self.index.storage[MetadataIndex(fqn)] = self._put(_serialize(obj))
+
+    def close(self) -> LocalIndex:
+        self._queue.put(None)
+        self._thread.join()
+        self._file.close()
+        if self._error is not None:
+            raise ConversionError(f"writing {self.directory / self.file_name} failed: {self._error}")
+        self.index.file_hashes[self.file_name] = self._hash.hexdigest()
+        return self.index
+
+    def abort(self) -> None:
+        self._error = self._error or RuntimeError("aborted")
+        self._queue.put(None)
+        self._thread.join()
+        self._file.close()
+
+
+def write_metadata(directory: Path, parts: list[LocalIndex]) -> dict[str, str]:
+    """Merge every rank's index into ``.metadata``; write ``metadata.json`` and ``common.pt``.
+    Returns the sha256 of each metadata file written."""
+    state_dict_metadata: dict = {}
+    storage: dict = {}
+    for part in parts:
+        for key, (size, dtype, chunks) in part.tensors.items():
+            existing = state_dict_metadata.get(key)
+            if existing is None:
+                state_dict_metadata[key] = TensorStorageMetadata(
+                    properties=TensorProperties(dtype=dtype), size=size, chunks=list(chunks)
+                )
+            else:
+                if existing.size != size or existing.properties.dtype != dtype:
+                    raise ConversionError(f"{key}: ranks disagree on its global shape / dtype")
+                existing.chunks.extend(chunks)
+        for fqn in part.objects:
+            state_dict_metadata[fqn] = BytesStorageMetadata()
+        storage.update(part.storage)
+    _check_chunks_tile(state_dict_metadata)
+    metadata = Metadata(
+        state_dict_metadata=dict(sorted(state_dict_metadata.items())),
+        planner_data=None,
+        storage_data=storage,
+        storage_meta=StorageMeta(checkpoint_id=None, save_id="ckptconv"),
+    )
+    hashes = {}
+    payloads = {
+        ".metadata": pickle.dumps(metadata),
+        "metadata.json": json.dumps(MEGATRON_METADATA).encode(),
+        "common.pt": _serialize({}),
+    }
+    for name, payload in payloads.items():
+        (directory / name).write_bytes(payload)
+        hashes[name] = hashlib.sha256(payload).hexdigest()
+    return hashes
+
+
+def _check_chunks_tile(state_dict_metadata: dict) -> None:
+    """Every element of every global tensor is covered by exactly one chunk."""
+    for key, md in state_dict_metadata.items():
+        if not isinstance(md, TensorStorageMetadata):
+            continue
+        total = 1
+        for d in md.size:
+            total *= d
+        covered = 0
+        for chunk in md.chunks:
+            n = 1
+            for d in chunk.sizes:
+                n *= d
+            covered += n
+        if covered != total:
+            raise ConversionError(f"{key}: chunks cover {covered} of {total} elements (a layer or expert is missing or doubled)")
+
+
+# ------------------------------------------------------------------------------------------------
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admit only the classes a DCP ``.metadata`` file is made of (no code execution)."""
+
+    _ALLOWED_MODULES = (
+        "torch.distributed.checkpoint.metadata",
+        "torch.distributed.checkpoint.filesystem",
+        "torch.distributed.checkpoint.planner",
+        "torch.distributed.checkpoint._extension",
+    )
+    _ALLOWED = {
+        ("torch", "Size"), ("torch", "device"), ("collections", "OrderedDict"), ("builtins", "set"),
+        ("builtins", "frozenset"), ("builtins", "slice"), ("torch._utils", "_rebuild_tensor_v2"),
+    }
+
+    def find_class(self, module, name):
+        if module.startswith(self._ALLOWED_MODULES) or (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+def resolve_checkpoint_dir(path: Path) -> Path:
+    """Megatron-LM layout (``latest_checkpointed_iteration.txt`` -> ``release/`` or ``iter_NNNNNNN/``)
+    or a bare torch_dist directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"{path}: no such checkpoint directory")
+    tracker = path / "latest_checkpointed_iteration.txt"
+    if tracker.is_file():
+        value = tracker.read_text().strip()
+        sub = path / ("release" if value == "release" else f"iter_{int(value):07d}" if value.isdigit() else value)
+        if not sub.is_dir():
+            raise ConversionError(f"{tracker}: names {value!r} but {sub} does not exist")
+        path = sub
+    meta_json = path / "metadata.json"
+    if not meta_json.is_file():
+        raise ConversionError(f"{path}: not a megatron-core distributed checkpoint (no metadata.json)")
+    try:
+        backend = json.loads(meta_json.read_text()).get("sharded_backend")
+    except (json.JSONDecodeError, AttributeError):
+        raise ConversionError(f"{meta_json}: not valid JSON") from None
+    if backend != "torch_dist":
+        raise ConversionError(f"{path}: sharded backend is {backend!r}; only torch_dist is supported")
+    if not (path / ".metadata").is_file():
+        raise ConversionError(f"{path}: torch_dist checkpoint without a .metadata file")
+    return path
+
+
+class DistCheckpointReader:
+    """Fetch one tensor (or one slot of a stacked tensor) at a time."""
+
+    def __init__(self, directory: Path):
+        self.directory = resolve_checkpoint_dir(directory)
+        try:
+            with open(self.directory / ".metadata", "rb") as f:
+                self.metadata: Metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+            raise ConversionError(f"{self.directory / '.metadata'}: unreadable checkpoint metadata: {exc}") from None
+        self.entries = self.metadata.state_dict_metadata
+        self._files: dict[str, object] = {}
+
+    def tensor_keys(self) -> list[str]:
+        return [k for k, v in self.entries.items() if isinstance(v, TensorStorageMetadata)]
+
+    def object_keys(self) -> list[str]:
+        return [k for k, v in self.entries.items() if isinstance(v, BytesStorageMetadata)]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensor_md(key).size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensor_md(key).properties.dtype
+
+    def _tensor_md(self, key: str) -> TensorStorageMetadata:
+        md = self.entries.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            raise ConversionError(f"{self.directory}: checkpoint has no tensor {key}")
+        return md
+
+    def _load_bytes(self, index: MetadataIndex) -> bytes:
+        try:
+            info = self.metadata.storage_data[index]
+        except KeyError:
+            raise ConversionError(f"{self.directory}: metadata lists {index.fqn} but no storage for it") from None
+        path = self.directory / info.relative_path
+        handle = self._files.get(info.relative_path)
+        if handle is None:
+            if not path.is_file():
+                raise ConversionError(f"{path}: checkpoint data file is missing")
+            handle = self._files[info.relative_path] = open(path, "rb")
+        handle.seek(info.offset)
+        data = handle.read(info.length)
+        if len(data) != info.length:
+            raise ConversionError(f"{path}: truncated (chunk of {index.fqn} at byte {info.offset} needs {info.length} bytes)")
+        return data
+
+    def read(self, key: str, axis_index: tuple[int, ...] = ()) -> torch.Tensor:
+        """The tensor at ``axis_index`` on the leading (layer / expert) axes, assembled from every
+        chunk that overlaps it, whatever TP/PP/EP layout wrote them."""
+        md = self._tensor_md(key)
+        n_axes = len(axis_index)
+        out = torch.empty(tuple(md.size[n_axes:]), dtype=md.properties.dtype)
+        filled = 0
+        for chunk in md.chunks:
+            if any(not (o <= i < o + s) for i, o, s in zip(axis_index, chunk.offsets, chunk.sizes)):
+                continue
+            data = torch.load(io.BytesIO(self._load_bytes(MetadataIndex(key, chunk.offsets))), weights_only=True)
+            piece = data[tuple(i - o for i, o in zip(axis_index, chunk.offsets))] if n_axes else data
+            target = out[tuple(slice(o, o + s) for o, s in zip(chunk.offsets[n_axes:], chunk.sizes[n_axes:]))]
+            target.copy_(piece)
+            filled += piece.numel()
+        if filled != out.numel():
+            raise ConversionError(f"{key}{list(axis_index)}: chunks cover {filled} of {out.numel()} elements")
+        return out
+
+    def read_object(self, fqn: str):
+        if not isinstance(self.entries.get(fqn), BytesStorageMetadata):
+            raise ConversionError(f"{self.directory}: checkpoint has no object {fqn}")
+        return torch.load(io.BytesIO(self._load_bytes(MetadataIndex(fqn))), weights_only=True)
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
