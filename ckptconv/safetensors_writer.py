@@ -1,0 +1,125 @@
+"""Stream tensors into safetensors shards whose headers are known up front.
+
+``safetensors.torch.save_file`` wants a whole shard in memory. Export knows every tensor's name,
+dtype and shape before reading any data (transforms run on meta tensors), so the header can be
+written first and each tensor appended as it is produced, then freed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ckptconv.errors import ConversionError
+
+TORCH_TO_SAFETENSORS = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Shard:
+    file_name: str
+    tensors: list[PlannedTensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[Shard]:
+    """Fill shards in order up to ``max_shard_bytes`` (a tensor larger than that gets its own)."""
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if groups[-1] and size + tensor.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += tensor.nbytes
+    if len(groups) == 1:
+        return [Shard("model.safetensors", groups[0])]
+    total = len(groups)
+    return [Shard(f"model-{i + 1:05d}-of-{total:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def _header(shard: Shard) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in shard.tensors:
+        header[t.name] = {"dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class ShardWriter:
+    """Writes one shard; tensors must arrive in the planned order."""
+
+    def __init__(self, directory: Path, shard: Shard):
+        self.shard = shard
+        self.path = Path(directory) / shard.file_name
+        self._file = open(self.path, "wb")
+        self._file.write(_header(shard))
+        self._next = 0
+        self.bytes_written = 0
+
+    def write_next(self, name: str, tensor: torch.Tensor) -> int:
+        """Append the next planned tensor, cast to its planned dtype; returns bytes written."""
+        if self._next >= len(self.shard.tensors):
+            raise ConversionError(f"{self.path.name}: unexpected extra tensor {name}")
+        expected = self.shard.tensors[self._next]
+        tensor = tensor.to(expected.dtype)
+        if name != expected.name or tensor.dtype != expected.dtype or tuple(tensor.shape) != expected.shape:
+            raise ConversionError(
+                f"{self.path.name}: expected {expected.name} {expected.dtype}{list(expected.shape)}, "
+                f"got {name} {tensor.dtype}{list(tensor.shape)}"
+            )
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self.bytes_written += data.nbytes
+        self._next += 1
+        if self.complete:
+            self._file.close()
+        return data.nbytes
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self.shard.tensors)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if not self.complete:
+            missing = [t.name for t in self.shard.tensors[self._next:]]
+            raise ConversionError(f"{self.path.name}: {len(missing)} tensor(s) never written, e.g. {missing[0]}")
+
+
+def write_index(directory: Path, shards: list[Shard]) -> None:
+    if len(shards) == 1 and shards[0].file_name == "model.safetensors":
+        return
+    index = {
+        "metadata": {"total_size": sum(s.nbytes for s in shards)},
+        "weight_map": {t.name: s.file_name for s in shards for t in s.tensors},
+    }
+    (Path(directory) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
