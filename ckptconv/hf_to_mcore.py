@@ -259,3 +259,22 @@ def _check_everything_written(plan: Plan, parts: list[LocalIndex]) -> None:
     extra = sorted((written - expected) | (written_objects - expected_objects))
     if missing or extra:
         raise ConversionError(f"coverage proof failed: missing {_names(missing)}; unexpected {_names(extra)}")
+
+
+def global_tensors_in_memory(src: str, layout: ParallelLayout | None = None) -> dict[str, torch.Tensor]:
+    """Every Megatron tensor the plan would write, as whole global tensors in memory.
+
+    For tests and small models only (this is exactly what streaming avoids): it lets a test check a
+    Megatron model loaded from a written checkpoint against the HF source, key by key.
+    """
+    planned = prepare(src, layout or ParallelLayout())
+    plan, source = planned.plan, planned.source
+    out: dict[str, torch.Tensor] = {}
+    for item in plan.items:
+        outputs = get_transform(item.rule.transform).forward([source.read(n) for n in item.hf_names], _context(plan, item))
+        for target, tensor in zip(item.targets, outputs):
+            if target.key not in out:
+                out[target.key] = torch.zeros((*target.axis_sizes, *tensor.shape), dtype=tensor.dtype)
+            out[target.key][target.axis_index] = tensor
+    source.close()
+    return out

@@ -1,0 +1,5 @@
+"""``python -m ckptconv`` (what ``torchrun -m ckptconv ...`` runs)."""
+
+from ckptconv.cli import main
+
+main()

@@ -1,0 +1,188 @@
+"""``ckptconv`` command line: hf-to-mcore, mcore-to-hf, verify, check.
+
+Errors a user can cause (bad input, bad flags) print as one line and exit 2; ``--debug`` shows the
+traceback. Progress goes to stderr; the summary table (or ``--json``) to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ckptconv.errors import ConversionError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Convert vision-language checkpoints between Hugging Face safetensors and Megatron-Core "
+    "torch_dist, and prove the conversion is right. Families: Qwen2.5-VL, ERNIE-4.5-VL-MoE, Step3.7.",
+)
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+class DType(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def run_reporting_errors(debug: bool, fn):
+    """Run ``fn``; turn the errors a user can cause into one line and a non-zero exit."""
+    try:
+        return fn()
+    except ConversionError as exc:
+        if debug:
+            raise
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written to the output", 130)
+    except OSError as exc:  # disk full, permissions: still one line
+        if debug:
+            raise
+        _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 1)
+
+
+def _print_summary(summary, as_json: bool) -> None:
+    from ckptconv import distributed
+    from ckptconv.report import summary_table
+
+    if distributed.rank_and_world()[0] != 0:
+        return
+    if as_json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        stdout.print(summary_table(summary))
+
+
+@app.command("hf-to-mcore")
+def hf_to_mcore(
+    src: str = typer.Argument(..., help="HF model: a local directory, or a hub repo id (org/name) resolved through the huggingface_hub cache."),
+    out: Path = typer.Argument(..., help="Output directory (Megatron-LM layout: latest_checkpointed_iteration.txt + release/). Must not exist unless --force."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size the checkpoint is laid out for; must divide attention heads, KV groups and FFN width."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size; must divide the number of layers. Under torchrun, ranks share the work by stage."),
+    ep: int = typer.Option(1, "--ep", help="Expert-parallel size; must divide the number of experts in every pool."),
+    etp: int = typer.Option(1, "--etp", help="Expert tensor-parallel size (Megatron's expert_tensor_parallel_size)."),
+    dtype: DType = typer.Option(DType.auto, "--dtype", help="Parameter dtype in the checkpoint; auto keeps each tensor's source dtype (needed for a bit-exact round trip)."),
+    vocab_multiple: int = typer.Option(128, "--make-vocab-size-divisible-by", help="Megatron pads the vocabulary to a multiple of this times --tp (zeros, dropped on export)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only after the new checkpoint is complete)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (every HF key -> Megatron key and transform) and write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary (or the dry-run plan) as JSON instead of a table."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
+):
+    """Convert a Hugging Face checkpoint to a Megatron-Core torch_dist checkpoint, streaming."""
+    from ckptconv import distributed
+
+    distributed.init_from_env()
+
+    def work():
+        from ckptconv.hf_to_mcore import convert_hf_to_mcore, describe_plan, prepare
+        from ckptconv.layout import ParallelLayout
+
+        if dry_run:
+            planned = prepare(src, ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, make_vocab_size_divisible_by=vocab_multiple))
+            rows = describe_plan(planned.plan)
+            if as_json:
+                print(json.dumps({"family": planned.plan.spec.family, "items": rows}, indent=2))
+            else:
+                from rich.table import Table
+
+                table = Table(title=f"plan: {planned.plan.spec.family} ({len(rows)} items)")
+                for column in ("hf", "mcore", "transform", "shard"):
+                    table.add_column(column)
+                for row in rows:
+                    table.add_row("\n".join(row["hf"]), "\n".join(row["mcore"]), row["transform"], row["shard"])
+                stdout.print(table)
+            return
+        summary = convert_hf_to_mcore(
+            src, out, tp=tp, pp=pp, ep=ep, etp=etp, dtype=dtype.value, force=force,
+            make_vocab_size_divisible_by=vocab_multiple, progress=not as_json and sys.stderr.isatty(),
+        )
+        _print_summary(summary, as_json)
+
+    run_reporting_errors(debug, work)
+
+
+@app.command("mcore-to-hf")
+def mcore_to_hf(
+    ckpt: Path = typer.Argument(..., help="Megatron-Core torch_dist checkpoint: a Megatron-LM directory (tracker file + release/ or iter_NNNNNNN/) or a bare torch_dist directory."),
+    out: Path = typer.Argument(..., help="Output HF directory (safetensors + index + config + tokenizer). Must not exist unless --force."),
+    hf_config: Optional[str] = typer.Option(None, "--hf-config", help="HF model (dir or repo id) whose config/tokenizer to use when the checkpoint has none (trained in Megatron)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only after the export is complete)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
+):
+    """Export a Megatron-Core torch_dist checkpoint back to Hugging Face safetensors, streaming."""
+    from ckptconv import distributed
+
+    distributed.init_from_env()
+
+    def work():
+        from ckptconv.mcore_to_hf import convert_mcore_to_hf
+
+        summary = convert_mcore_to_hf(
+            ckpt, out, hf_config=hf_config, max_shard_size=max_shard_size, force=force,
+            progress=not as_json and sys.stderr.isatty(),
+        )
+        _print_summary(summary, as_json)
+
+    run_reporting_errors(debug, work)
+
+
+@app.command("check")
+def check(
+    ckpt: Path = typer.Argument(..., help="A checkpoint written by ckptconv hf-to-mcore."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
+):
+    """Re-hash every file of a ckptconv checkpoint against the checksums in its ckptconv.json."""
+
+    def work():
+        from ckptconv.manifest import check_checkpoint
+
+        problems = check_checkpoint(ckpt)
+        if as_json:
+            print(json.dumps({"checkpoint": str(ckpt), "ok": not problems, "problems": problems}))
+        elif problems:
+            for problem in problems:
+                stderr.print(f"[red]{problem}[/]")
+        else:
+            stdout.print(f"{ckpt}: every file matches its checksum")
+        if problems:
+            raise typer.Exit(1)
+
+    run_reporting_errors(debug, work)
+
+
+def _register_verify() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("ckptconv.cli_verify") is None:  # TODO(lead): remove once verify lands
+        return
+    from ckptconv.cli_verify import verify_command
+
+    app.command("verify")(verify_command)
+
+
+_register_verify()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random HF checkpoints built from the real transformers config classes, and
+helpers to run the CLI the way a user does (a subprocess, so exit codes and stderr are real)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HELPERS = REPO / "tests" / "helpers"
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`ckptconv ARGS...` as a subprocess; returns the completed process (never raises on exit code)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ckptconv", *map(str, args)],
+        capture_output=True, text=True, env=cli_env(), timeout=timeout, cwd=REPO,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script_or_module: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run under `torchrun --nproc-per-node N` on CPU (gloo)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *map(str, script_or_module),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    """Tiny random Qwen2.5-VL, untied lm_head, GQA (4 heads, 2 KV groups), qkv bias, vocab 320."""
+    from ckptconv.fixtures import make_tiny_qwen2_5_vl
+
+    return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_tied(tmp_path_factory) -> Path:
+    from ckptconv.fixtures import make_tiny_qwen2_5_vl
+
+    return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen_tied") / "hf", tie_word_embeddings=True, seed=1)
+
+
+def read_safetensors_dir(directory: Path) -> dict:
+    from safetensors import safe_open
+
+    tensors = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors

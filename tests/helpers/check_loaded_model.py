@@ -1,0 +1,37 @@
+"""Run under torchrun (or alone): build the family's real megatron-core model at TP = world size,
+load CKPT with `dist_checkpointing.load` (strict), and check every parameter shard equals the HF
+source (HF_DIR) put through the mapping table. Prints one line per rank and exits non-zero on a
+mismatch."""
+
+import sys
+
+import torch
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+from ckptconv.hf_to_mcore import global_tensors_in_memory
+from ckptconv.layout import ParallelLayout
+from ckptconv.megatron import runtime
+from ckptconv.megatron.load import _leaves, build_and_load
+
+
+def main(ckpt: str, hf_dir: str, tp: int, ep: int) -> None:
+    runtime.init_parallel(tp=tp, ep=ep, device="cpu")
+    model, spec = build_and_load(ckpt)
+    expected = global_tensors_in_memory(hf_dir, ParallelLayout(tp=tp, ep=ep))
+    checked, bad = 0, []
+    for leaf in _leaves(model.sharded_state_dict()):
+        if not isinstance(leaf, ShardedTensor):
+            continue
+        extents = (1,) * leaf.prepend_axis_num + tuple(leaf.local_shape)
+        region = expected[leaf.key][tuple(slice(o, o + n) for o, n in zip(leaf.global_offset, extents))]
+        if not torch.equal(region.reshape(leaf.data.shape), leaf.data):
+            bad.append(leaf.key)
+        checked += 1
+    rank = torch.distributed.get_rank()
+    print(f"rank {rank}: {checked} shards checked, {len(bad)} differ {bad[:3]}", flush=True)
+    if bad or not checked:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 1)
