@@ -252,20 +252,25 @@ class VerifyReport:
 
 def render_table(report: VerifyReport):
     """A rich Table: one row per input and token group; figures outside tolerance in red."""
+    from rich import box
     from rich.table import Table
 
     tol = report.tolerances
-    verdict = "[bold green]PASS[/]" if report.passed else f"[bold red]FAIL[/] (worst input: {report.worst_input})"
+    verdict = "[bold green]PASS[/]" if report.passed else f"[bold red]FAIL[/], worst input: {report.worst_input}"
     table = Table(
-        title=f"verify {report.family}: {report.hf_src} vs {report.mcore_ckpt} "
-        f"(tp={report.tp}, {report.dtype}, {report.device}) {verdict}",
+        title=f"verify {report.family} (tp={report.tp}, {report.dtype}, {report.device}): {verdict}",
         caption=(
+            f"reference {report.hf_src} vs {report.mcore_ckpt}\n"
             f"tolerances: max-abs <= {tol.max_abs:g}, mean-abs <= {tol.mean_abs:g}, cosine >= {tol.min_cosine:g}, "
             f"top-1 >= {tol.min_top1:g}, top-5 >= {tol.min_top5:g}, KL <= {tol.max_kl:g}"
         ),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
     )
     for col in ("input", "tokens", "n", "max-abs", "mean-abs", "cosine", "top-1", "top-5", "KL", "ok"):
-        table.add_column(col, justify="left" if col in ("input", "tokens") else "right")
+        table.add_column(col, justify="left" if col in ("input", "tokens") else "right", no_wrap=col != "input")
     limits = {c[0]: (getattr(tol, c[1]), c[2]) for c in TokenMetrics.CHECKS}
 
     def cell(name: str, value: float, fmt: str) -> str:
@@ -282,9 +287,9 @@ def render_table(report: VerifyReport):
             ok = not m.violations(tol)
             table.add_row(
                 r.label, group, str(m.n_tokens),
-                cell("max_abs", m.max_abs, ".3g"), cell("mean_abs", m.mean_abs, ".3g"),
-                cell("cosine", m.cosine, ".7f"), cell("top1", m.top1, ".3f"), cell("top5", m.top5, ".3f"),
-                cell("kl", m.kl, ".3g"), "[green]yes[/]" if ok else "[red]NO[/]",
+                cell("max_abs", m.max_abs, ".2g"), cell("mean_abs", m.mean_abs, ".2g"),
+                cell("cosine", m.cosine, ".6f"), cell("top1", m.top1, ".3f"), cell("top5", m.top5, ".3f"),
+                cell("kl", m.kl, ".2g"), "[green]yes[/]" if ok else "[red]NO[/]",
             )
     return table
 
@@ -527,8 +532,6 @@ def run_verify(
     mode: str = "direct",
 ) -> VerifyReport:
     """Compare HF ``hf_src`` with the Megatron checkpoint ``mcore_ckpt``; see the module docstring."""
-    import torch.distributed as dist
-
     from ckptconv.megatron import runtime
     from ckptconv.megatron.load import checkpoint_spec
 
@@ -555,32 +558,50 @@ def run_verify(
     megatron_logits, family = _megatron_logits(mcore_ckpt, hf_src, inputs, torch_dtype, dev)
     timings["megatron"] = time.perf_counter() - t0
 
-    report_dict = None
-    if runtime.is_rank0():
-        t0 = time.perf_counter()
-        reference = _hf_logits(hf_src, inputs, torch_dtype, dev)
-        timings["hf_reference"] = time.perf_counter() - t0
-        results = _compare(inputs, reference, megatron_logits, spec.image_token_id, "megatron", tol)
+    with tempfile.TemporaryDirectory(prefix="ckptconv-roundtrip-") as tmp:
         if mode == "roundtrip":
+            # The exporter is collective under torchrun (ranks share the shards): every rank calls it,
+            # into rank 0's directory.
             t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory(prefix="ckptconv-roundtrip-") as tmp:
-                _export_to_hf(mcore_ckpt, tmp)
-                exported = _hf_logits(tmp, inputs, torch_dtype, dev)
-            results += _compare(inputs, reference, exported, spec.image_token_id, "hf-export", tol)
-            timings["roundtrip"] = time.perf_counter() - t0
-        report = VerifyReport(
-            hf_src=str(hf_src), mcore_ckpt=str(mcore_ckpt), family=family, tp=tp, device=str(dev),
-            dtype=dtype_name, mode=mode, tolerances=tol, results=results, timings=timings,
-        )
-        report_dict = report.as_dict()
-    if runtime.world_size() > 1:
-        # Every rank returns rank 0's verdict, so every process exits with the same status.
-        box = [report_dict]
-        dist.broadcast_object_list(box, src=0)
-        report_dict = box[0]
-        if not runtime.is_rank0():
-            return VerifyReport.from_dict(report_dict)
-    return report
+            export_dir = Path(_broadcast(tmp)) / "hf"
+            _export_to_hf(mcore_ckpt, export_dir)
+            timings["export"] = time.perf_counter() - t0
+        outcome = None
+        if runtime.is_rank0():
+            try:
+                t0 = time.perf_counter()
+                reference = _hf_logits(hf_src, inputs, torch_dtype, dev)
+                timings["hf_reference"] = time.perf_counter() - t0
+                results = _compare(inputs, reference, megatron_logits, spec.image_token_id, "megatron", tol)
+                if mode == "roundtrip":
+                    t0 = time.perf_counter()
+                    exported = _hf_logits(export_dir, inputs, torch_dtype, dev)
+                    results += _compare(inputs, reference, exported, spec.image_token_id, "hf-export", tol)
+                    timings["hf_export"] = time.perf_counter() - t0
+                report = VerifyReport(
+                    hf_src=str(hf_src), mcore_ckpt=str(mcore_ckpt), family=family, tp=tp, device=str(dev),
+                    dtype=dtype_name, mode=mode, tolerances=tol, results=results, timings=timings,
+                )
+                outcome = report.as_dict()
+            except ConversionError as exc:
+                outcome = {"error": str(exc)}
+        # Every rank returns rank 0's verdict (or raises its error), so all exit with the same status.
+        outcome = _broadcast(outcome)
+    if "error" in outcome:
+        raise ConversionError(outcome["error"])
+    return VerifyReport.from_dict(outcome)
+
+
+def _broadcast(obj):
+    import torch.distributed as dist
+
+    from ckptconv.megatron import runtime
+
+    if runtime.world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def report_json(report: VerifyReport) -> str:
