@@ -119,7 +119,9 @@ class TokenMetrics:
             value, limit = getattr(self, name), getattr(tol, tol_name)
             bad = not math.isfinite(value) or (value > limit if kind == "max" else value < limit)
             if bad:
-                out.append(f"{name} {value:.3g} {'>' if kind == 'max' else '<'} {limit:.3g}")
+                # "min" figures sit just below 1.0: print enough digits to see the gap.
+                fmt = ".3g" if kind == "max" else ".8g"
+                out.append(f"{name} {value:{fmt}} {'>' if kind == 'max' else '<'} {limit:{fmt}}")
         return out
 
     def badness(self, tol: Tolerances) -> float:
