@@ -90,15 +90,17 @@ def resolve_source(src: str) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*"]
+    # Read the cache location now, not at huggingface_hub import time, so HF_HUB_CACHE set later counts.
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
     try:
-        return Path(snapshot_download(src, local_files_only=True, allow_patterns=patterns))
+        return Path(snapshot_download(src, local_files_only=True, allow_patterns=patterns, cache_dir=cache_dir))
     except LocalEntryNotFoundError:
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
             raise ConversionError(
                 f"{src}: not in the local hub cache ({os.environ.get('HF_HUB_CACHE', 'default cache')}) and HF_HUB_OFFLINE is set"
             ) from None
     try:
-        return Path(snapshot_download(src, allow_patterns=patterns))
+        return Path(snapshot_download(src, allow_patterns=patterns, cache_dir=cache_dir))
     except Exception as exc:  # network, auth, missing repo: one line for the user
         raise ConversionError(f"{src}: could not fetch from the hub: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
 
