@@ -65,12 +65,7 @@ def _layer_rope(text, layer_type: str) -> dict:
     }
 
 
-def _per_layer_attention(text, raw_text: dict) -> dict[int, dict]:
-    overrides = raw_text.get("per_layer_config") or {}
-    for layer, fields in overrides.items():
-        unknown = set(fields) - PER_LAYER_KEYS
-        if unknown:
-            raise _fail(f"text_config.per_layer_config[{layer}] overrides {sorted(unknown)}; supported: {sorted(PER_LAYER_KEYS)}")
+def _per_layer_attention(text) -> dict[int, dict]:
     out = {}
     for i in range(text.num_hidden_layers):
         view = text.per_layer_config[i]
@@ -91,6 +86,11 @@ def _limits(values, n: int, field: str) -> list[float | None]:
 
 
 def _refuse_unsupported(text, raw_text: dict) -> None:
+    # First: any other per-layer override would make the global reads below ambiguous.
+    for layer, fields in (raw_text.get("per_layer_config") or {}).items():
+        unknown = set(fields) - PER_LAYER_KEYS
+        if unknown:
+            raise _fail(f"text_config.per_layer_config[{layer}] overrides {sorted(unknown)}; supported: {sorted(PER_LAYER_KEYS)}")
     if getattr(text, "use_bidirectional_attention", False):
         raise _fail("text_config.use_bidirectional_attention = true is not supported (Megatron layers here are causal)")
     gating = raw_text.get("gating", getattr(text, "gating", True))
@@ -169,7 +169,7 @@ def normalize(config: dict) -> ModelSpec:
         extra={
             # Layers differ (attention type, head counts, dense/MoE): Megatron keys them per layer.
             "non_homogeneous_layers": True,
-            "per_layer_attention": _per_layer_attention(text, raw_text),
+            "per_layer_attention": _per_layer_attention(text),
             "layer_attention": layer_attention,
             "softmax_scale": float(text.query_pre_attn_scalar) ** -0.5,
             "moe_router_scaling_factor": float(text.moe_router_scaling_factor),
@@ -177,6 +177,9 @@ def normalize(config: dict) -> ModelSpec:
             "swiglu_limits_shared": _limits(text.swiglu_limits_shared, n, "swiglu_limits_shared"),
             "zero_centered_rmsnorm": True,  # every trunk RMSNorm (q/k norms too) scales by (1 + w)
             "projector_bias": bool(parsed.projector_bias),
+            # Images are inserted after <im_start>; its id lives in the tokenizer, not in the
+            # transformers config, so it is only known here when config.json carries it.
+            "im_start_token_id": config.get("im_start_token_id"),
             "ranges": {"vblock": int(vision_cfg.num_hidden_layers)},
         },
     )

@@ -1,0 +1,376 @@
+"""Step3.7: the config normalizer, the mapping table and the heterogeneous Megatron model.
+
+The tiny fixture has every feature the released model has: layers [full, sliding, sliding, full]
+(sliding window 8, per-layer RoPE theta and partial rotary), 4 query heads on full layers and 6 on
+sliding ones (per_layer_config), dense/dense/MoE/MoE with a shared expert, q/k norms, the per-head
+output gate g_proj, (1 + w) RMSNorms, and the vision tower with its RoPE-ordered fused in_proj.
+
+Run as a script under torchrun, this file is also the TP/EP worker (see ``_worker``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptconv.errors import ConversionError
+from ckptconv.families import normalize_config
+from ckptconv.families import step3p7 as family  # registers the fuse_qkv_gate transform
+from ckptconv.layout import ParallelLayout
+from ckptconv.mapping import load_table
+from ckptconv.plan import build_plan
+from ckptconv.transforms import TransformContext, get
+
+TOLERANCE = 1e-4  # max |logit difference| in fp32
+HAS_CONVERTER = importlib.util.find_spec("ckptconv.hf_to_mcore") is not None and importlib.util.find_spec("ckptconv.mcore_to_hf") is not None
+needs_converter = pytest.mark.skipif(not HAS_CONVERTER, reason="the hf-to-mcore / mcore-to-hf converter is not available")
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny_step(tmp_path_factory) -> Path:
+    from ckptconv.fixtures import make_tiny_step3p7
+
+    return make_tiny_step3p7(tmp_path_factory.mktemp("step3p7") / "hf")
+
+
+@pytest.fixture(scope="module")
+def raw_config(tiny_step) -> dict:
+    return json.loads((tiny_step / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def spec(raw_config):
+    return normalize_config(raw_config)
+
+
+@pytest.fixture(scope="module")
+def hf_tensors(tiny_step) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(tiny_step / "model.safetensors"))
+
+
+def _hf_model(directory: Path):
+    from transformers import Step3p7ForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    return Step3p7ForConditionalGeneration.from_pretrained(str(directory), dtype=torch.float32).eval()
+
+
+def _megatron_model(spec, tensors_from: Path, tp: int = 1):
+    from ckptconv.hf_to_mcore import global_tensors_in_memory
+    from ckptconv.megatron import runtime
+    from ckptconv.megatron.load import fill_from_global_tensors
+    from ckptconv.megatron.step3p7 import build_model
+
+    runtime.init_parallel(tp=tp, device="cpu")
+    layout = ParallelLayout(tp=tp)
+    model = build_model(spec, padded_vocab_size=layout.padded_vocab_size(spec.vocab_size))
+    return fill_from_global_tensors(model, global_tensors_in_memory(str(tensors_from), layout))
+
+
+@pytest.fixture(scope="module")
+def megatron_model(spec, tiny_step):
+    return _megatron_model(spec, tiny_step)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_step):
+    return _hf_model(tiny_step)
+
+
+def _synthetic_image(spec) -> torch.Tensor:
+    size = int(spec.vision["image_size"])
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(7))
+
+
+PROMPT = "Describe the picture: what is in it, and where? Answer in one sentence."
+
+
+# ---------------------------------------------------------------------------------------------- normalizer
+def test_every_per_layer_feature_reaches_the_spec(spec):
+    assert spec.layer_mlp_kinds == ("dense", "dense", "moe", "moe")
+    assert spec.extra["non_homogeneous_layers"] is True and not spec.stacked_layers
+    assert [spec.extra["per_layer_attention"][i]["num_attention_heads"] for i in range(4)] == [4, 6, 6, 4]
+    assert {spec.extra["per_layer_attention"][i]["num_query_groups"] for i in range(4)} == {2}
+    attention = spec.extra["layer_attention"]
+    assert [attention[i]["window_size"] for i in range(4)] == [None, (7, 0), (7, 0), None]
+    assert [(attention[i]["rope_theta"], attention[i]["rotary_percent"]) for i in range(4)] == [
+        (5e6, 0.5), (1e4, 1.0), (1e4, 1.0), (5e6, 0.5)]
+    assert spec.extra["softmax_scale"] == 16 ** -0.5
+    assert (spec.num_experts, spec.moe_ffn_hidden_size, spec.moe_router_topk) == ((4,), (32,), 2)
+    assert spec.shared_expert_ffn_hidden_size == 40
+    assert spec.extra["swiglu_limits"] == [None] * 4 and spec.extra["zero_centered_rmsnorm"] is True
+    assert spec.extra["ranges"] == {"vblock": 2} and spec.image_token_id == 299
+
+
+def test_the_released_remote_code_config_shape_normalizes_the_same(raw_config, spec):
+    """Hub configs spell the same model with legacy fields (moe_layers_enum, attention_other_setting,
+    per-layer rope_theta / partial_rotary_factors lists)."""
+    text = {k: v for k, v in raw_config["text_config"].items()
+            if k not in ("layer_types", "mlp_layer_types", "per_layer_config", "rope_parameters", "num_sliding_attention_heads")}
+    text.update(
+        layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        moe_layers_enum="2,3",
+        attention_other_setting={"num_attention_heads": 6, "num_attention_groups": 2},
+        rope_theta=[5e6, 1e4, 1e4, 5e6],
+        partial_rotary_factors=[0.5, 1.0, 1.0, 0.5],
+    )
+    legacy = normalize_config({**raw_config, "text_config": text})
+    for field in ("per_layer_attention", "layer_attention", "softmax_scale", "swiglu_limits"):
+        assert legacy.extra[field] == spec.extra[field], field
+    assert legacy.layer_mlp_kinds == spec.layer_mlp_kinds
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ({"gating": "elementwise"}, "gating"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"num_nextn_predict_layers": 1, "layer_types": None}, "num_nextn_predict_layers"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 5e6, "factor": 2.0,
+                                             "original_max_position_embeddings": 256},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "rope_type"),
+    ({"per_layer_config": {"1": {"num_attention_heads": 6, "intermediate_size": 8}}}, "per_layer_config"),
+])
+def test_features_the_megatron_model_cannot_reproduce_are_refused_by_name(raw_config, change, field):
+    text = {**raw_config["text_config"], **change}
+    text = {k: v for k, v in text.items() if v is not None}
+    with pytest.raises(ConversionError, match=field):
+        normalize_config({**raw_config, "text_config": text})
+
+
+# ---------------------------------------------------------------------------------------------- table
+def test_the_table_reads_every_hf_tensor_exactly_once(spec, hf_tensors):
+    plan = build_plan(spec, load_table("step3p7"), ParallelLayout(tp=1))
+    names = plan.hf_names()
+    assert len(names) == len(set(names))
+    assert set(names) == set(hf_tensors)
+
+
+def _items_round_trip(plan, hf_tensors):
+    for item in plan.items:
+        ctx = TransformContext(spec=plan.spec, indices=item.indices, padded_vocab_size=plan.padded_vocab_size,
+                               where=item.label, params=item.rule.params)
+        transform = get(item.rule.transform)
+        sources = [hf_tensors[n] for n in item.hf_names]
+        produced = transform.forward(sources, ctx)
+        assert len(produced) == len(item.targets), item.label
+        yield item, sources, produced, transform.inverse(produced, ctx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_import_then_export_through_the_table_is_bit_exact(spec, hf_tensors, dtype):
+    plan = build_plan(spec, load_table("step3p7"), ParallelLayout(tp=2, ep=2))
+    tensors = {k: v.to(dtype) for k, v in hf_tensors.items()}
+    for item, sources, _, restored in _items_round_trip(plan, tensors):
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(sources, restored)), item.label
+
+
+def test_one_plus_w_norm_weights_are_stored_unchanged(spec, hf_tensors):
+    """(w + 1) - 1 != w in floating point: the +1 is applied by the Megatron norm, never folded in."""
+    plan = build_plan(spec, load_table("step3p7"), ParallelLayout(tp=1))
+    norms = 0
+    for item, sources, produced, _ in _items_round_trip(plan, hf_tensors):
+        if item.hf_names[0].endswith(("layernorm.weight", "norm.weight")):
+            assert torch.equal(produced[0], sources[0]), item.label
+            norms += 1
+    assert norms == 4 * 4 + 1  # input, post-attention, q and k norm per layer; the final norm
+
+
+def test_gate_rows_travel_with_their_query_group_in_the_fused_qkv(spec):
+    """Layer 1 (sliding): 6 heads in 2 groups, head_dim 16 -> per group [q (3*16), gate (3), k (16), v (16)]."""
+    heads, groups, d, hidden = 6, 2, 16, 64
+    q = torch.arange(heads * d, dtype=torch.float32)[:, None].expand(-1, hidden) + 1000
+    k = torch.arange(groups * d, dtype=torch.float32)[:, None].expand(-1, hidden) + 2000
+    v = torch.arange(groups * d, dtype=torch.float32)[:, None].expand(-1, hidden) + 3000
+    g = torch.arange(heads, dtype=torch.float32)[:, None].expand(-1, hidden) + 4000
+    ctx = TransformContext(spec=spec, indices={"layer": 1}, where="test")
+    (fused,) = get("fuse_qkv_gate").forward([q, k, v, g], ctx)
+    block = 3 * d + 3 + 2 * d
+    assert fused.shape == (groups * block, hidden)
+    for group in range(groups):
+        rows = fused[group * block:(group + 1) * block, 0]
+        assert torch.equal(rows[:3 * d], q[group * 3 * d:(group + 1) * 3 * d, 0])
+        assert torch.equal(rows[3 * d:3 * d + 3], g[group * 3:(group + 1) * 3, 0])
+        assert torch.equal(rows[3 * d + 3:4 * d + 3], k[group * d:(group + 1) * d, 0])
+        assert torch.equal(rows[4 * d + 3:], v[group * d:(group + 1) * d, 0])
+    with pytest.raises(ConversionError, match="g_proj"):
+        get("fuse_qkv_gate").forward([q, k, v, g[:4]], ctx)
+
+
+# ---------------------------------------------------------------------------------------------- megatron model
+def _expected_manifest(spec, hf_tensors, layout) -> dict:
+    """Key -> (kind, global shape) of everything the plan writes, extra-state objects included."""
+    plan = build_plan(spec, load_table("step3p7"), layout)
+    expected = {}
+    for item, _, produced, _ in _items_round_trip(plan, hf_tensors):
+        for target, tensor in zip(item.targets, produced):
+            expected[target.key] = ("tensor", (*target.axis_sizes, *tensor.shape))
+            if item.rule.extra_state:
+                expected[target.extra_state_key] = ("object", target.axis_sizes or (1,))
+    return expected
+
+
+def test_plan_keys_and_global_shapes_are_those_of_the_megatron_model(spec, hf_tensors, megatron_model):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from ckptconv.megatron.load import _leaves, sharded_manifest
+
+    manifest = sharded_manifest(megatron_model.sharded_state_dict())
+    actual = {key: (entry["kind"], tuple(entry["shape"])) for key, entry in manifest.items()}
+    assert actual == _expected_manifest(spec, hf_tensors, ParallelLayout(tp=1))
+    # Extra-state objects are stored under ShardedObject.unique_key: the plan must name them the same.
+    plan = build_plan(spec, load_table("step3p7"), ParallelLayout(tp=1))
+    unique = {leaf.unique_key for leaf in _leaves(megatron_model.sharded_state_dict()) if isinstance(leaf, ShardedObject)}
+    assert unique == set(plan.extra_state_fqns())
+
+
+def _logits_diff(hf_model, megatron_model, spec, tiny_step, image):
+    from ckptconv.megatron.step3p7 import prepare_verify_inputs
+
+    hf_kwargs, mcore_kwargs, image_mask = prepare_verify_inputs(spec, tiny_step, prompt=PROMPT, image=image)
+    with torch.no_grad():
+        reference = hf_model(**hf_kwargs, use_cache=False).logits
+        got = megatron_model(**mcore_kwargs)
+    assert got.shape == reference.shape == (1, hf_kwargs["input_ids"].shape[1], spec.vocab_size)
+    return (reference - got).abs().max().item(), image_mask, reference
+
+
+def test_text_logits_match_transformers(hf_model, megatron_model, spec, tiny_step):
+    diff, mask, _ = _logits_diff(hf_model, megatron_model, spec, tiny_step, None)
+    assert not mask.any()
+    assert diff <= TOLERANCE
+
+
+def test_image_logits_match_transformers(hf_model, megatron_model, spec, tiny_step):
+    diff, mask, reference = _logits_diff(hf_model, megatron_model, spec, tiny_step, _synthetic_image(spec))
+    assert int(mask.sum()) == 1  # 56x56 image, patch 14, two stride-2 downsamplers: one feature
+    assert diff <= TOLERANCE
+    # The image really reaches the decoder (the placeholder row is replaced, not left as an embedding).
+    from ckptconv.megatron.step3p7 import prepare_verify_inputs
+
+    hf_kwargs, _, _ = prepare_verify_inputs(spec, tiny_step, prompt=PROMPT, image=_synthetic_image(spec))
+    with torch.no_grad():
+        text_only = hf_model(input_ids=hf_kwargs["input_ids"], use_cache=False).logits
+    assert (reference - text_only).abs().max().item() > 100 * TOLERANCE
+
+
+def test_swiglu_limits_clamp_like_transformers(tiny_step, tmp_path):
+    """Small limits so that the clamps really bite, on routed experts and on dense/shared MLPs."""
+    import shutil
+
+    clamped = tmp_path / "clamped"
+    shutil.copytree(tiny_step, clamped)
+    config = json.loads((clamped / "config.json").read_text())
+    config["text_config"].update(swiglu_limits=[0, 0, 0.02, 0.03], swiglu_limits_shared=[0.02, 0, 0, 0.02])
+    (clamped / "config.json").write_text(json.dumps(config))
+    clamped_spec = normalize_config(config)
+    assert clamped_spec.extra["swiglu_limits"] == [None, None, 0.02, 0.03]
+    hf = _hf_model(clamped)
+    diff, _, reference = _logits_diff(hf, _megatron_model(clamped_spec, clamped), clamped_spec, clamped, None)
+    assert diff <= TOLERANCE
+    _, _, unclamped_reference = _logits_diff(_hf_model(tiny_step), _megatron_model(normalize_config(json.loads(
+        (tiny_step / "config.json").read_text())), tiny_step), clamped_spec, clamped, None)
+    assert (reference - unclamped_reference).abs().max().item() > 100 * TOLERANCE  # the limits matter
+
+
+def test_megatron_model_refuses_inputs_it_would_compute_differently(megatron_model, spec):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(ConversionError, match="padding"):
+        megatron_model(ids, attention_mask=torch.tensor([[0, 1, 1, 1]]))
+    with pytest.raises(ConversionError, match="image_start_token_id"):
+        megatron_model(ids, pixel_values=_synthetic_image(spec))
+
+
+# ---------------------------------------------------------------------------------------------- converter
+@pytest.fixture(scope="module")
+def converted(tiny_step, tmp_path_factory) -> dict[tuple[int, int], Path]:
+    from ckptconv.hf_to_mcore import convert_hf_to_mcore
+
+    root = tmp_path_factory.mktemp("step3p7_mcore")
+    out = {}
+    for tp, ep in ((1, 1), (2, 1), (1, 2)):
+        convert_hf_to_mcore(str(tiny_step), root / f"tp{tp}_ep{ep}", tp=tp, ep=ep)
+        out[(tp, ep)] = root / f"tp{tp}_ep{ep}"
+    return out
+
+
+@needs_converter
+def test_converted_checkpoint_loads_strictly_and_matches_transformers(converted, spec, tiny_step, hf_model):
+    from ckptconv.megatron import runtime
+    from ckptconv.megatron.load import build_and_load
+
+    runtime.init_parallel(tp=1, device="cpu")
+    model, loaded_spec = build_and_load(converted[(1, 1)])
+    assert loaded_spec.family == "step3p7"
+    for image in (None, _synthetic_image(spec)):
+        diff, _, _ = _logits_diff(hf_model, model, spec, tiny_step, image)
+        assert diff <= TOLERANCE
+
+
+@needs_converter
+@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)])
+def test_tp2_and_ep2_ranks_load_their_shards_and_match_transformers(converted, tiny_step, tp, ep):
+    from conftest import torchrun
+
+    result = torchrun([Path(__file__), "--worker", converted[(tp, ep)], tiny_step, tp, ep], nproc=2, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("OK") == 2, result.stdout
+
+
+@needs_converter
+@pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 2)])
+def test_round_trip_gives_back_the_source_bit_for_bit(converted, hf_tensors, tmp_path, layout):
+    from safetensors.torch import load_file
+
+    from ckptconv.mcore_to_hf import convert_mcore_to_hf
+
+    convert_mcore_to_hf(converted[layout], tmp_path / "hf")
+    exported = {}
+    for path in sorted((tmp_path / "hf").glob("*.safetensors")):
+        exported.update(load_file(str(path)))
+    assert set(exported) == set(hf_tensors)
+    different = [k for k, v in hf_tensors.items() if not (exported[k].dtype == v.dtype and torch.equal(exported[k], v))]
+    assert not different
+
+
+# ---------------------------------------------------------------------------------------------- torchrun worker
+def _worker(ckpt: str, hf_dir: str, tp: int, ep: int) -> None:
+    """One rank: strict load at (tp, ep), every shard equals the source through the table, logits
+    (text and image) equal transformers'. Prints "rank N OK" or exits non-zero."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from ckptconv.hf_to_mcore import global_tensors_in_memory
+    from ckptconv.megatron import runtime
+    from ckptconv.megatron.load import _leaves, build_and_load
+
+    runtime.init_parallel(tp=tp, ep=ep, device="cpu")
+    model, spec = build_and_load(ckpt)
+    expected = global_tensors_in_memory(hf_dir, ParallelLayout(tp=tp, ep=ep))
+    bad = []
+    for leaf in _leaves(model.sharded_state_dict()):
+        if isinstance(leaf, ShardedTensor):
+            extents = (1,) * leaf.prepend_axis_num + tuple(leaf.local_shape)
+            region = expected[leaf.key][tuple(slice(o, o + n) for o, n in zip(leaf.global_offset, extents))]
+            if not torch.equal(region.reshape(leaf.data.shape), leaf.data):
+                bad.append(leaf.key)
+    hf = _hf_model(Path(hf_dir))
+    diffs = [_logits_diff(hf, model, spec, Path(hf_dir), image)[0] for image in (None, _synthetic_image(spec))]
+    rank = torch.distributed.get_rank()
+    ok = not bad and max(diffs) <= TOLERANCE
+    print(f"rank {rank} tp={tp} ep={ep}: shards differing {bad[:3]}, max |logit diff| {max(diffs):.2e} {'OK' if ok else 'FAIL'}", flush=True)
+    runtime.destroy_parallel()
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--worker":
+    _worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
