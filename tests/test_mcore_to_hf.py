@@ -1,0 +1,84 @@
+"""mcore-to-hf: the mapping table read backwards gives back the HF checkpoint bit for bit."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import HELPERS, read_safetensors_dir, run_cli, torchrun
+from ckptconv.hf_to_mcore import convert_hf_to_mcore
+from ckptconv.mcore_to_hf import convert_mcore_to_hf
+
+
+def assert_same_checkpoint(original_dir, exported_dir):
+    original, exported = read_safetensors_dir(original_dir), read_safetensors_dir(exported_dir)
+    assert sorted(original) == sorted(exported)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype, name
+        assert exported[name].shape == tensor.shape, name
+        assert torch.equal(exported[name], tensor), name
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("fixture", ["tiny_qwen", "tiny_qwen_tied"])
+def test_round_trip_is_bit_exact(fixture, tp, request, tmp_path):
+    hf = request.getfixturevalue(fixture)
+    convert_hf_to_mcore(str(hf), tmp_path / "mcore", tp=tp)
+    summary = convert_mcore_to_hf(tmp_path / "mcore", tmp_path / "hf")
+    assert_same_checkpoint(hf, tmp_path / "hf")
+    assert summary.tensors_written == len(read_safetensors_dir(hf))
+    for sidecar in ("config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json"):
+        assert (tmp_path / "hf" / sidecar).read_bytes() == (hf / sidecar).read_bytes()
+
+
+def test_bf16_round_trip_is_bit_exact(tmp_path):
+    from ckptconv.fixtures import make_tiny_qwen2_5_vl
+
+    hf = make_tiny_qwen2_5_vl(tmp_path / "src", dtype=torch.bfloat16, seed=3)
+    convert_hf_to_mcore(str(hf), tmp_path / "mcore", tp=2)
+    convert_mcore_to_hf(tmp_path / "mcore", tmp_path / "hf")
+    assert_same_checkpoint(hf, tmp_path / "hf")
+
+
+def test_export_loads_with_from_pretrained_and_gives_identical_logits(tiny_qwen, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    convert_hf_to_mcore(str(tiny_qwen), tmp_path / "mcore", tp=2)
+    convert_mcore_to_hf(tmp_path / "mcore", tmp_path / "hf")
+    original = AutoModelForImageTextToText.from_pretrained(tiny_qwen).eval()
+    exported, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info.values()), info
+    ids = torch.tensor([[1, 5, 9, 33, 120, 7]])
+    with torch.no_grad():
+        assert torch.equal(original(input_ids=ids).logits, exported.eval()(input_ids=ids).logits)
+
+
+def test_max_shard_size_splits_into_indexed_shards(tiny_qwen, tmp_path):
+    convert_hf_to_mcore(str(tiny_qwen), tmp_path / "mcore")
+    convert_mcore_to_hf(tmp_path / "mcore", tmp_path / "hf", max_shard_size="200KB")
+    shards = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in read_safetensors_dir(tiny_qwen).values())
+    assert_same_checkpoint(tiny_qwen, tmp_path / "hf")
+
+
+def test_checkpoints_saved_by_megatron_at_tp1_and_tp2_export_to_the_same_hf_weights(tiny_qwen, tmp_path):
+    """Checkpoints written by megatron-core's own dist_checkpointing.save (no ckptconv.json, no
+    config.json): export needs --hf-config, and the TP it was saved with does not matter."""
+    for tp in (1, 2):
+        result = torchrun([HELPERS / "save_with_megatron.py", tiny_qwen, tmp_path / f"saved-tp{tp}", tp], nproc=tp)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert not (tmp_path / f"saved-tp{tp}" / "config.json").exists()
+        convert_mcore_to_hf(tmp_path / f"saved-tp{tp}", tmp_path / f"hf-tp{tp}", hf_config=str(tiny_qwen))
+        assert_same_checkpoint(tiny_qwen, tmp_path / f"hf-tp{tp}")
+
+
+def test_cli_round_trip_with_json_summary(tiny_qwen, tmp_path):
+    assert run_cli("hf-to-mcore", tiny_qwen, tmp_path / "mcore").returncode == 0
+    result = run_cli("mcore-to-hf", tmp_path / "mcore", tmp_path / "hf", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["command"] == "mcore-to-hf" and summary["tensors_written"] == 57
+    assert_same_checkpoint(tiny_qwen, tmp_path / "hf")
