@@ -253,7 +253,7 @@ class VerifyReport:
 
 
 def render_table(report: VerifyReport):
-    """A rich Table: one row per input and token group; figures outside tolerance in red."""
+    """A rich Table: one row per input and token group; figures outside tolerance in red, verdict in the title."""
     from rich import box
     from rich.table import Table
 
@@ -271,8 +271,9 @@ def render_table(report: VerifyReport):
         padding=(0, 1),
         collapse_padding=True,
     )
-    for col in ("input", "tokens", "n", "max-abs", "mean-abs", "cosine", "top-1", "top-5", "KL", "ok"):
-        table.add_column(col, justify="left" if col in ("input", "tokens") else "right", no_wrap=col != "input")
+    table.add_column("input", overflow="fold", min_width=9)
+    for col in ("tokens", "n", "max-abs", "mean-abs", "cosine", "top-1", "top-5", "KL"):
+        table.add_column(col, justify="left" if col == "tokens" else "right", no_wrap=True)
     limits = {c[0]: (getattr(tol, c[1]), c[2]) for c in TokenMetrics.CHECKS}
 
     def cell(name: str, value: float, fmt: str) -> str:
@@ -282,16 +283,17 @@ def render_table(report: VerifyReport):
         return f"[red]{text}[/]" if bad else text
 
     for r in report.results:
-        for group, m in r.groups.items():
+        for i, (group, m) in enumerate(r.groups.items()):
+            label = r.label if i == 0 else ""  # name each input once
             if m is None:
-                table.add_row(r.label, group, "0", *(["-"] * 6), "")
+                table.add_row(label, group, "0", *(["-"] * 6), end_section=i == len(r.groups) - 1)
                 continue
-            ok = not m.violations(tol)
             table.add_row(
-                r.label, group, str(m.n_tokens),
+                label, group, str(m.n_tokens),
                 cell("max_abs", m.max_abs, ".2g"), cell("mean_abs", m.mean_abs, ".2g"),
                 cell("cosine", m.cosine, ".6f"), cell("top1", m.top1, ".3f"), cell("top5", m.top5, ".3f"),
-                cell("kl", m.kl, ".2g"), "[green]yes[/]" if ok else "[red]NO[/]",
+                cell("kl", m.kl, ".2g"),
+                end_section=i == len(r.groups) - 1,
             )
     return table
 
