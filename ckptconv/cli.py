@@ -168,10 +168,6 @@ def check(
 
 
 def _register_verify() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("ckptconv.cli_verify") is None:  # TODO(lead): remove once verify lands
-        return
     from ckptconv.cli_verify import verify_command
 
     app.command("verify")(verify_command)

@@ -100,6 +100,13 @@ def _parse_rule(row: dict, where: str) -> Rule:
 
 
 def load_table(family: str, mappings_dir: Path | None = None) -> MappingTable:
+    # A family's normalizer module registers the family-specific transforms its table names.
+    import importlib
+
+    try:
+        importlib.import_module(f"ckptconv.families.{family}")
+    except ModuleNotFoundError:
+        pass
     path = (mappings_dir or MAPPINGS_DIR) / f"{family}.toml"
     if not path.is_file():
         raise ConversionError(f"no mapping table for family {family!r} at {path}")
