@@ -303,16 +303,23 @@ def render_table(report: VerifyReport):
 
 @dataclass
 class VerifyInput:
-    name: str
-    input_ids: torch.Tensor  # [1, S]
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
-    hf_kwargs: dict = field(default_factory=dict)
-    """Extra keyword arguments only the HF reference needs (e.g. Qwen's ``mm_token_type_ids``)."""
+    """One input, as each model takes it. The same shape family modules return from their
+    ``prepare_verify_inputs(spec, hf_dir, *, prompt, image)``: (hf_kwargs, mcore_kwargs, image mask)."""
 
-    def token_groups(self, image_token_id: int | None) -> dict[str, torch.Tensor]:
-        ids = self.input_ids[0]
-        is_image = ids == image_token_id if image_token_id is not None else torch.zeros_like(ids, dtype=torch.bool)
+    name: str
+    hf_kwargs: dict
+    """Keyword arguments of the HF model's forward (``input_ids``, pixels, e.g. ``mm_token_type_ids``)."""
+    mcore_kwargs: dict
+    """Keyword arguments of the family's Megatron model forward."""
+    image_mask: torch.Tensor
+    """``[1, S]`` bool: the image-token positions (metrics are split text / image on it)."""
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.mcore_kwargs["input_ids"]
+
+    def token_groups(self) -> dict[str, torch.Tensor]:
+        is_image = self.image_mask[0].bool()
         return {"text": ~is_image, "image": is_image}
 
 
@@ -375,8 +382,8 @@ def _qwen_inputs(spec, hf_src: Path, prompt: str, image, text_only: bool) -> lis
 
     inputs = []
     if text_only:
-        ids = enc.encode(head + prompt + tail)
-        inputs.append(VerifyInput("text-only", torch.tensor([ids])))
+        input_ids = torch.tensor([enc.encode(head + prompt + tail)])
+        inputs.append(VerifyInput("text-only", {"input_ids": input_ids}, {"input_ids": input_ids}, input_ids == pad))
     if image is not None:
         name, pil = image
         pixel_values, grid_thw = _qwen_pixels(spec, hf_src, pil)
@@ -386,8 +393,9 @@ def _qwen_inputs(spec, hf_src: Path, prompt: str, image, text_only: bool) -> lis
         input_ids = torch.tensor([ids])
         # The HF model computes 3D (M-RoPE) positions only when told which tokens are image tokens;
         # without mm_token_type_ids it silently falls back to 1D positions.
-        mm_types = (input_ids == pad).int()
-        inputs.append(VerifyInput(name, input_ids, pixel_values, grid_thw, {"mm_token_type_ids": mm_types}))
+        mcore = {"input_ids": input_ids, "pixel_values": pixel_values, "image_grid_thw": grid_thw}
+        hf = dict(mcore, mm_token_type_ids=(input_ids == pad).int())
+        inputs.append(VerifyInput(name, hf, mcore, input_ids == pad))
     return inputs
 
 
@@ -410,7 +418,24 @@ def _qwen_pixels(spec, hf_src: Path, pil):
     return out["pixel_values"], out["image_grid_thw"]
 
 
-#: family -> builder of the verify inputs; a family without one gets text-only inputs from its tokenizer.
+def _family_module_inputs(spec, hf_src: Path, prompt: str, image, text_only: bool) -> list[VerifyInput]:
+    """Inputs from the family's Megatron module's ``prepare_verify_inputs`` (ERNIE, Step3.7)."""
+    from ckptconv.megatron.load import FAMILY_MODULES
+
+    module = importlib.import_module(FAMILY_MODULES[spec.family])
+    prepare = getattr(module, "prepare_verify_inputs", None)
+    if prepare is None:
+        raise ConversionError(f"{module.__name__} has no prepare_verify_inputs; cannot build verify inputs")
+    inputs = []
+    if text_only:
+        inputs.append(VerifyInput("text-only", *prepare(spec, hf_src, prompt=prompt, image=None)))
+    if image is not None:
+        name, pil = image
+        inputs.append(VerifyInput(name, *prepare(spec, hf_src, prompt=prompt, image=pil.convert("RGB"))))
+    return inputs
+
+
+#: family -> builder of the verify inputs; other families use their module's prepare_verify_inputs.
 INPUT_BUILDERS = {"qwen2_5_vl": _qwen_inputs}
 
 
@@ -430,14 +455,8 @@ def build_inputs(spec, hf_src, *, prompt=None, image=None, synthetic_image_=True
             raise ConversionError(f"{path}: cannot read image ({exc})") from exc
     elif synthetic_image_:
         picture = ("image:synthetic", synthetic_image())
-    builder = INPUT_BUILDERS.get(spec.family)
-    if builder is None:
-        if picture is not None:
-            raise ConversionError(f"image inputs for family {spec.family!r} are not implemented yet; use --no-image")
-        enc = _TextEncoder(hf_src, spec.vocab_size, set())
-        inputs = [VerifyInput("text-only", torch.tensor([enc.encode(prompt)]))] if text_only else []
-    else:
-        inputs = builder(spec, hf_src, prompt, picture, text_only)
+    builder = INPUT_BUILDERS.get(spec.family, _family_module_inputs)
+    inputs = builder(spec, hf_src, prompt, picture, text_only)
     if not inputs:
         raise ConversionError("nothing to verify: both the text-only and the image input are disabled")
     return inputs
@@ -456,6 +475,10 @@ def _dtype_name(dtype) -> str:
     return str(DTYPES[str(dtype)]).removeprefix("torch.")
 
 
+def _to(kwargs: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
 @torch.no_grad()
 def _megatron_logits(ckpt, hf_src, inputs, dtype, device) -> tuple[list[torch.Tensor], str]:
     from ckptconv.megatron.load import build_and_load
@@ -463,11 +486,7 @@ def _megatron_logits(ckpt, hf_src, inputs, dtype, device) -> tuple[list[torch.Te
     model, spec = build_and_load(ckpt, dtype=dtype, device=device, fallback_config=hf_src)
     out = []
     for inp in inputs:
-        logits = model(
-            inp.input_ids.to(device),
-            pixel_values=None if inp.pixel_values is None else inp.pixel_values.to(device),
-            image_grid_thw=None if inp.image_grid_thw is None else inp.image_grid_thw.to(device),
-        )
+        logits = model(**_to(inp.mcore_kwargs, device))
         out.append(logits[0].float().cpu())
     del model
     return out, spec.family
@@ -487,23 +506,20 @@ def _hf_logits(hf_dir, inputs, dtype, device) -> list[torch.Tensor]:
     model = model.to(device).eval()
     out = []
     for inp in inputs:
-        kwargs = {k: v.to(device) for k, v in inp.hf_kwargs.items()}
-        if inp.pixel_values is not None:
-            kwargs.update(pixel_values=inp.pixel_values.to(device), image_grid_thw=inp.image_grid_thw.to(device))
-        logits = model(input_ids=inp.input_ids.to(device), use_cache=False, **kwargs).logits
+        logits = model(use_cache=False, **_to(inp.hf_kwargs, device)).logits
         out.append(logits[0].float().cpu())
     del model
     return out
 
 
-def _compare(inputs, reference, test, image_token_id, comparison, tol) -> list[InputResult]:
+def _compare(inputs, reference, test, comparison, tol) -> list[InputResult]:
     results = []
     for inp, ref, got in zip(inputs, reference, test):
         if ref.shape != got.shape:
             raise ConversionError(f"{inp.name}: logits shapes differ: reference {tuple(ref.shape)}, converted {tuple(got.shape)}")
         groups = {
             group: (compare_logits(ref[mask], got[mask]) if bool(mask.any()) else None)
-            for group, mask in inp.token_groups(image_token_id).items()
+            for group, mask in inp.token_groups().items()
         }
         failures = [f"{g}: {v}" for g, m in groups.items() if m is not None for v in m.violations(tol)]
         badness = max((m.badness(tol) for m in groups.values() if m is not None), default=0.0)
@@ -576,11 +592,11 @@ def run_verify(
                 t0 = time.perf_counter()
                 reference = _hf_logits(hf_src, inputs, torch_dtype, dev)
                 timings["hf_reference"] = time.perf_counter() - t0
-                results = _compare(inputs, reference, megatron_logits, spec.image_token_id, "megatron", tol)
+                results = _compare(inputs, reference, megatron_logits, "megatron", tol)
                 if mode == "roundtrip":
                     t0 = time.perf_counter()
                     exported = _hf_logits(export_dir, inputs, torch_dtype, dev)
-                    results += _compare(inputs, reference, exported, spec.image_token_id, "hf-export", tol)
+                    results += _compare(inputs, reference, exported, "hf-export", tol)
                     timings["hf_export"] = time.perf_counter() - t0
                 report = VerifyReport(
                     hf_src=str(hf_src), mcore_ckpt=str(mcore_ckpt), family=family, tp=tp, device=str(dev),

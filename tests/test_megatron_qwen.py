@@ -92,7 +92,7 @@ def megatron_from_hf(hf_dir, tp: int):
 
 
 def test_inputs(hf_dir):
-    """(text-only input_ids) and (input_ids, pixel_values, grid, mm_token_type_ids) with a 6x10-patch image."""
+    """The verify inputs: text-only, and with the synthetic 6x10-patch image."""
     from ckptconv.verify import build_inputs
 
     text, image = build_inputs(load_spec(hf_dir), hf_dir)
@@ -104,11 +104,8 @@ test_inputs.__test__ = False  # a helper, not a test
 
 @torch.no_grad()
 def max_abs_vs_hf(model, hf_model, inp) -> float:
-    kwargs = {}
-    if inp.pixel_values is not None:
-        kwargs = dict(pixel_values=inp.pixel_values, image_grid_thw=inp.image_grid_thw)
-    ours = model(inp.input_ids, **kwargs)
-    ref = hf_model(input_ids=inp.input_ids, use_cache=False, **kwargs, **inp.hf_kwargs).logits
+    ours = model(**inp.mcore_kwargs)
+    ref = hf_model(use_cache=False, **inp.hf_kwargs).logits
     assert ours.shape == ref.shape
     return float((ours - ref).abs().max())
 
@@ -207,7 +204,7 @@ def test_text_only_logits_match_hf(tiny_hf, parallel, hf_model):
 def test_image_logits_match_hf(tiny_hf, parallel, hf_model):
     model, _ = megatron_from_hf(tiny_hf, tp=1)
     _, image = test_inputs(tiny_hf)
-    assert tuple(image.image_grid_thw[0].tolist()) == (1, 6, 10)  # not square: h/w mix-ups show
+    assert tuple(image.mcore_kwargs["image_grid_thw"][0].tolist()) == (1, 6, 10)  # not square: h/w mix-ups show
     assert max_abs_vs_hf(model, hf_model, image) <= FP32_MAX_ABS
 
 
@@ -215,7 +212,7 @@ def test_image_positions_are_3d_like_hf(tiny_hf, parallel):
     """Image tokens get (t, h, w) positions; the text after them resumes at max + 1."""
     model, spec = megatron_from_hf(tiny_hf, tp=1)
     _, image = test_inputs(tiny_hf)
-    pos = model.position_ids(image.input_ids, image.image_grid_thw, None)[:, 0]
+    pos = model.position_ids(image.input_ids, image.mcore_kwargs["image_grid_thw"], None)[:, 0]
     is_image = image.input_ids[0] == spec.image_token_id
     first = int(is_image.nonzero()[0])
     img = pos[:, is_image]
