@@ -31,8 +31,10 @@ What is ERNIE-specific and why:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
 import types
 
 import torch
@@ -354,13 +356,25 @@ def decoder_block_spec(config, spec: ModelSpec, modality: TokenModality):
 # ============================================================================ the model
 
 
+@contextlib.contextmanager
+def _quiet_unknown_mlp_warning():
+    """TransformerLayer logs "Unknown MLP type" once per MoE layer for any MLP module that is not one
+    of megatron's own; ErnieMultiTypeMoE is deliberate, so that line would only be noise in verify."""
+    layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    level = layer_logger.level
+    layer_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        layer_logger.setLevel(level)
+
+
 class ErnieVLMegatron(nn.Module):
     """``.language_model`` (GPTModel) + ``.vision_tower`` + ``.resampler_model`` (HF, replicated)."""
 
     def __init__(self, spec: ModelSpec, *, padded_vocab_size: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         from megatron.core import parallel_state
-        from megatron.core.models.gpt import GPTModel
         from transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe import (
             Ernie4_5_VLMoeVariableResolutionResamplerModel,
             Ernie4_5_VLMoeVisionTransformerPretrainedModel,
@@ -382,18 +396,8 @@ class ErnieVLMegatron(nn.Module):
         self.hf_config = hf_config(spec)
         self.modality = TokenModality()
         config = transformer_config(spec, dtype)
-        self.language_model = GPTModel(
-            config=config,
-            transformer_layer_spec=decoder_block_spec(config, spec, self.modality),
-            vocab_size=padded_vocab_size,
-            max_sequence_length=spec.extra["max_position_embeddings"],
-            pre_process=True,
-            post_process=True,
-            parallel_output=True,
-            share_embeddings_and_output_weights=spec.tie_word_embeddings,
-            position_embedding_type="mrope",
-            rotary_base=spec.rope_theta,
-        )
+        with _quiet_unknown_mlp_warning():
+            self.language_model = self._gpt_model(config, spec, padded_vocab_size)
         # Same inv_freq as megatron's mrope module, ERNIE's band -> axis assignment.
         self.language_model.rotary_pos_emb = _rotary_class()(
             kv_channels=spec.head_dim,
@@ -409,6 +413,22 @@ class ErnieVLMegatron(nn.Module):
         for module in self.modules():
             if hasattr(module, "expert_bias") and isinstance(module.expert_bias, torch.Tensor):
                 module.expert_bias.data = module.expert_bias.data.float()
+
+    def _gpt_model(self, config, spec: ModelSpec, padded_vocab_size: int):
+        from megatron.core.models.gpt import GPTModel
+
+        return GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_block_spec(config, spec, self.modality),
+            vocab_size=padded_vocab_size,
+            max_sequence_length=spec.extra["max_position_embeddings"],
+            pre_process=True,
+            post_process=True,
+            parallel_output=True,
+            share_embeddings_and_output_weights=spec.tie_word_embeddings,
+            position_embedding_type="mrope",
+            rotary_base=spec.rope_theta,
+        )
 
     # ------------------------------------------------------------------ checkpoint keys
 
