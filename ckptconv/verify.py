@@ -312,14 +312,19 @@ class VerifyInput:
     mcore_kwargs: dict
     """Keyword arguments of the family's Megatron model forward."""
     image_mask: torch.Tensor
-    """``[1, S]`` bool: the image-token positions (metrics are split text / image on it)."""
+    """``[1, S]`` (or ``[S]``) bool: the image-token positions (metrics are split text / image on it)."""
 
     @property
     def input_ids(self) -> torch.Tensor:
         return self.mcore_kwargs["input_ids"]
 
     def token_groups(self) -> dict[str, torch.Tensor]:
-        is_image = self.image_mask[0].bool()
+        # Accept [1, S] or [S]: one sequence per input.
+        is_image = self.image_mask.bool().reshape(-1)
+        if is_image.numel() != self.input_ids.shape[-1]:
+            raise ConversionError(
+                f"{self.name}: image mask has {is_image.numel()} positions, the sequence {self.input_ids.shape[-1]}"
+            )
         return {"text": ~is_image, "image": is_image}
 
 
