@@ -16,7 +16,7 @@ from ckptconv import distributed
 from ckptconv.errors import ConversionError
 from ckptconv.families import normalize_config
 from ckptconv.layout import ParallelLayout, tp_chunks
-from ckptconv.manifest import MANIFEST_NAME, RELEASE_DIR, TRACKER_NAME, sha256_file, versions, write_manifest
+from ckptconv.manifest import RELEASE_DIR, TRACKER_NAME, sha256_file, versions, write_manifest
 from ckptconv.mapping import load_table
 from ckptconv.outdir import staged_output
 from ckptconv.plan import Plan, PlanItem, build_plan

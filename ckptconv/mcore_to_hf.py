@@ -22,7 +22,7 @@ from ckptconv.outdir import staged_output
 from ckptconv.plan import Plan, PlanItem, build_plan
 from ckptconv.report import Summary, make_progress
 from ckptconv.safetensors_writer import PlannedTensor, Shard, ShardWriter, plan_shards, write_index
-from ckptconv.source import SAFETENSORS_DTYPES, open_hf_checkpoint, read_config, resolve_source
+from ckptconv.source import SAFETENSORS_DTYPES, read_config, resolve_source
 from ckptconv.torch_dist import DistCheckpointReader
 from ckptconv.transforms import TransformContext, get as get_transform
 

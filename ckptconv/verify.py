@@ -24,7 +24,6 @@ the original HF model against the exported one on the same inputs.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import math
 import tempfile
@@ -533,13 +532,9 @@ def _compare(inputs, reference, test, comparison, tol) -> list[InputResult]:
 
 
 def _export_to_hf(ckpt, out_dir) -> None:
-    module = "ckptconv.mcore_to_hf"
-    if importlib.util.find_spec(module) is None:
-        raise ConversionError(
-            "--mode roundtrip needs the Megatron -> HF exporter (ckptconv.mcore_to_hf.convert_mcore_to_hf), "
-            "which this build does not have yet"
-        )
-    importlib.import_module(module).convert_mcore_to_hf(ckpt, out_dir)
+    from ckptconv.mcore_to_hf import convert_mcore_to_hf
+
+    convert_mcore_to_hf(ckpt, out_dir)
 
 
 def run_verify(

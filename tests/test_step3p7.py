@@ -10,7 +10,6 @@ Run as a script under torchrun, this file is also the TP/EP worker (see ``_worke
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -20,15 +19,12 @@ import torch
 
 from ckptconv.errors import ConversionError
 from ckptconv.families import normalize_config
-from ckptconv.families import step3p7 as family  # registers the fuse_qkv_gate transform
 from ckptconv.layout import ParallelLayout
 from ckptconv.mapping import load_table
 from ckptconv.plan import build_plan
 from ckptconv.transforms import TransformContext, get
 
 TOLERANCE = 1e-4  # max |logit difference| in fp32
-HAS_CONVERTER = importlib.util.find_spec("ckptconv.hf_to_mcore") is not None and importlib.util.find_spec("ckptconv.mcore_to_hf") is not None
-needs_converter = pytest.mark.skipif(not HAS_CONVERTER, reason="the hf-to-mcore / mcore-to-hf converter is not available")
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -304,7 +300,6 @@ def converted(tiny_step, tmp_path_factory) -> dict[tuple[int, int], Path]:
     return out
 
 
-@needs_converter
 def test_converted_checkpoint_loads_strictly_and_matches_transformers(converted, spec, tiny_step, hf_model):
     from ckptconv.megatron import runtime
     from ckptconv.megatron.load import build_and_load
@@ -317,7 +312,6 @@ def test_converted_checkpoint_loads_strictly_and_matches_transformers(converted,
         assert diff <= TOLERANCE
 
 
-@needs_converter
 def test_tp2_and_ep2_ranks_load_their_shards_and_match_transformers(converted, tiny_step):
     """One two-process run (process start dominates the cost): TP=2, then the groups rebuilt as EP=2."""
     from conftest import torchrun
@@ -328,7 +322,6 @@ def test_tp2_and_ep2_ranks_load_their_shards_and_match_transformers(converted, t
     assert result.stdout.count(" OK") == 4, result.stdout
 
 
-@needs_converter
 @pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 2)])
 def test_round_trip_gives_back_the_source_bit_for_bit(converted, hf_tensors, tmp_path, layout):
     from safetensors.torch import load_file

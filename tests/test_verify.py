@@ -8,7 +8,6 @@ worst input.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -22,10 +21,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-needs_converter = pytest.mark.skipif(
-    importlib.util.find_spec("ckptconv.hf_to_mcore") is None, reason="ckptconv.hf_to_mcore (the converter) is not there yet"
-)
-pytestmark = needs_converter
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -227,19 +222,6 @@ def test_errors_are_one_line_with_exit_2(tiny_hf, tmp_path):
         verify(tiny_hf, tmp_path / "missing")
 
 
-def test_roundtrip_without_the_exporter_is_a_clear_error(tiny_hf, ckpt_tp1, monkeypatch):
-    from ckptconv import verify as verify_module
-    from ckptconv.errors import ConversionError
-
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        verify_module.importlib.util, "find_spec", lambda name, *a: None if name == "ckptconv.mcore_to_hf" else real_find_spec(name, *a)
-    )
-    with pytest.raises(ConversionError, match="needs the Megatron -> HF exporter"):
-        verify(tiny_hf, ckpt_tp1, mode="roundtrip", synthetic_image=False)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("ckptconv.mcore_to_hf") is None, reason="exporter not there yet")
 def test_roundtrip_compares_the_reexported_hf_model_too(tiny_hf, ckpt_tp1):
     report = verify(tiny_hf, ckpt_tp1, mode="roundtrip")
     assert report.passed, report.as_dict()

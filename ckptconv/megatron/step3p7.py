@@ -27,7 +27,6 @@ after each ``<im_start>`` (+1, onto the ``<im_patch>`` placeholders) and runs th
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -562,8 +561,6 @@ class Step37Megatron(nn.Module):
 
 def build_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: torch.dtype = torch.float32) -> Step37Megatron:
     """Build on the CPU (parallel_state must be initialized: see ``runtime.init_parallel``), in eval mode."""
-    from ckptconv.families import step3p7 as _family  # noqa: F401  (registers the fuse_qkv_gate transform)
-
     model = Step37Megatron(spec, padded_vocab_size=padded_vocab_size, dtype=dtype)
     return model.eval()
 
