@@ -242,7 +242,8 @@ def test_saved_checkpoint_loads_back_bit_exact(tiny_hf, parallel, tmp_path):
     import megatron.core.dist_checkpointing.strategies.filesystem_async as fs_async
     from megatron.core import dist_checkpointing
 
-    from ckptconv.megatron.load import build_and_load, resolve_checkpoint_dir
+    from ckptconv.megatron.load import build_and_load
+    from ckptconv.torch_dist import resolve_checkpoint_dir
 
     model, _ = megatron_from_hf(tiny_hf, tp=1)
     out = tmp_path / "mcore"
@@ -262,15 +263,15 @@ def test_saved_checkpoint_loads_back_bit_exact(tiny_hf, parallel, tmp_path):
 
 def test_checkpoint_layout_errors_are_one_clear_line(tmp_path):
     from ckptconv.errors import ConversionError
-    from ckptconv.megatron.load import resolve_checkpoint_dir
+    from ckptconv.torch_dist import resolve_checkpoint_dir
 
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("release")
-    with pytest.raises(ConversionError, match="release/, which holds no torch_dist checkpoint"):
+    with pytest.raises(ConversionError, match="names 'release' but .*release does not exist"):
         resolve_checkpoint_dir(tmp_path)
     (tmp_path / "release").mkdir()
-    with pytest.raises(ConversionError, match="neither latest_checkpointed_iteration.txt nor"):
+    with pytest.raises(ConversionError, match="not a megatron-core distributed checkpoint"):
         resolve_checkpoint_dir(tmp_path / "release")
-    with pytest.raises(ConversionError, match="does not exist"):
+    with pytest.raises(ConversionError, match="no such checkpoint directory"):
         resolve_checkpoint_dir(tmp_path / "nowhere")
 
 

@@ -218,7 +218,7 @@ def test_errors_are_one_line_with_exit_2(tiny_hf, tmp_path):
     assert code == 2
     from ckptconv.errors import ConversionError
 
-    with pytest.raises(ConversionError, match="checkpoint directory does not exist"):
+    with pytest.raises(ConversionError, match="no such checkpoint directory"):
         verify(tiny_hf, tmp_path / "missing")
 
 

@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 
 from ckptconv.errors import ConversionError
+from ckptconv.torch_dist import DistCheckpointReader, resolve_checkpoint_dir
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 EMBEDDING_KEY = "language_model.embedding.word_embeddings.weight"
 
 #: family -> module holding ``build_model(spec, *, padded_vocab_size, dtype, **family_kwargs)``.
@@ -46,28 +46,6 @@ def model_builder(family: str) -> Callable[..., torch.nn.Module]:
 # --------------------------------------------------------------------------- locating a checkpoint
 
 
-def resolve_checkpoint_dir(ckpt: str | Path) -> Path:
-    """The directory holding ``.metadata`` for ``ckpt`` (tracker file -> release/ or iter_N/, or bare)."""
-    root = Path(ckpt)
-    if not root.exists():
-        raise ConversionError(f"{root}: checkpoint directory does not exist")
-    tracker = root / TRACKER_FILE
-    if tracker.is_file():
-        tag = tracker.read_text().strip()
-        if tag == "release":
-            sub = root / "release"
-        elif tag.isdigit():
-            sub = root / f"iter_{int(tag):07d}"
-        else:
-            raise ConversionError(f"{tracker}: expected 'release' or an iteration number, found {tag!r}")
-        if not (sub / ".metadata").is_file():
-            raise ConversionError(f"{tracker} points to {sub.name}/, which holds no torch_dist checkpoint (.metadata)")
-        return sub
-    if (root / ".metadata").is_file():
-        return root
-    raise ConversionError(f"{root}: neither {TRACKER_FILE} nor a torch_dist checkpoint (.metadata) found")
-
-
 def find_sidecar(ckpt: str | Path, name: str) -> Path | None:
     """``config.json`` / ``ckptconv.json`` next to the checkpoint: in ``ckpt``, then its parent."""
     root = Path(ckpt)
@@ -78,10 +56,9 @@ def find_sidecar(ckpt: str | Path, name: str) -> Path | None:
 
 
 def checkpoint_metadata(ckpt: str | Path):
-    """torch.distributed.checkpoint metadata: keys, global shapes, chunks (no process group needed)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return FileSystemReader(str(resolve_checkpoint_dir(ckpt))).read_metadata()
+    """torch.distributed.checkpoint metadata: keys, global shapes, chunks (no process group needed),
+    read with the restricted unpickler (a checkpoint's .metadata is a pickle)."""
+    return DistCheckpointReader(Path(ckpt)).metadata
 
 
 def checkpoint_tensor_shapes(ckpt: str | Path) -> dict[str, tuple[int, ...]]:
@@ -148,6 +125,8 @@ def load_megatron_checkpoint(model: torch.nn.Module, ckpt: str | Path) -> torch.
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     ckpt_dir = resolve_checkpoint_dir(ckpt)
+    # megatron-core unpickles .metadata with plain pickle; vet it with our restricted unpickler first.
+    checkpoint_metadata(ckpt_dir)
     try:
         state_dict, missing, unexpected = dist_checkpointing.load(
             model.sharded_state_dict(), str(ckpt_dir), strict=StrictHandling.RETURN_ALL
