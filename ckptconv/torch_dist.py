@@ -23,6 +23,7 @@ import json
 import pickle
 import queue
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,42 +76,84 @@ class LocalIndex:
     bytes_written: int = 0
 
 
-class DistCheckpointWriter:
-    """Appends chunks to ``__<rank>_0.distcp`` from a background thread (serialize here, write
-    there, so reading the next HF tensor overlaps with writing this one)."""
+class _HashingFile:
+    """The data file as torch.save sees it: every write is hashed and counted on the way."""
 
-    def __init__(self, directory: Path, rank: int = 0, queue_depth: int = 4):
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        self.sha256 = hashlib.sha256()
+        self.offset = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self._file.write(view)
+        self.sha256.update(view)
+        self.offset += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class DistCheckpointWriter:
+    """Appends chunks to ``__<rank>_0.distcp``.
+
+    The caller (reading and transforming HF tensors) hands each chunk over and moves on; a
+    background thread serializes and writes it, so reading the next tensor overlaps with writing
+    this one. The hand-over is bounded in bytes, which bounds memory by a few tensors, not the model.
+    """
+
+    def __init__(self, directory: Path, rank: int = 0, max_queued_bytes: int = 256 * 1024 * 1024):
         self.directory = Path(directory)
         self.file_name = f"__{rank}_0.distcp"
         self.index = LocalIndex()
-        self._file = open(self.directory / self.file_name, "wb")
-        self._hash = hashlib.sha256()
-        self._offset = 0
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
+        self._file = _HashingFile(self.directory / self.file_name)
+        self._queue: queue.Queue = queue.Queue()
+        self._queued_bytes = 0
+        self._max_queued_bytes = max_queued_bytes
+        self._space = threading.Condition()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="ckptconv-writer", daemon=True)
         self._thread.start()
 
     def _drain(self) -> None:
+        # Each chunk is a small torch.save zip archive; its CRC32 costs more than the write
+        # itself, and DCP's reader does not check it.
+        from torch.utils.serialization import config as serialization_config
+
         while True:
-            payload = self._queue.get()
-            if payload is None:
+            job = self._queue.get()
+            if job is None:
                 return
+            index, payload, size = job
             if self._error is None:
                 try:
-                    self._file.write(payload)
-                    self._hash.update(payload)
-                except BaseException as exc:  # disk full etc.: surfaced on the next put / close
+                    start = self._file.offset
+                    if isinstance(payload, bytes):
+                        self._file.write(payload)
+                    else:
+                        with _crc32_disabled(serialization_config):
+                            torch.save(payload, self._file)
+                    self.index.storage[index] = _StorageInfo(self.file_name, start, self._file.offset - start)
+                except BaseException as exc:  # disk full etc.: surfaced on the next write / close
                     self._error = exc
+            del payload
+            with self._space:
+                self._queued_bytes -= size
+                self._space.notify_all()
 
-    def _put(self, payload: bytes) -> _StorageInfo:
+    def _submit(self, index: MetadataIndex, payload) -> None:
         if self._error is not None:
             raise ConversionError(f"writing {self.directory / self.file_name} failed: {self._error}")
-        info = _StorageInfo(self.file_name, self._offset, len(payload))
-        self._offset += len(payload)
-        self.index.bytes_written += len(payload)
-        self._queue.put(payload)
-        return info
+        size = payload.nbytes if isinstance(payload, torch.Tensor) else len(payload)
+        with self._space:
+            while self._queued_bytes > 0 and self._queued_bytes + size > self._max_queued_bytes:
+                self._space.wait()
+            self._queued_bytes += size
+        self._queue.put((index, payload, size))
 
     def write_chunk(self, key: str, global_shape: tuple[int, ...], offsets: tuple[int, ...], chunk: torch.Tensor) -> None:
         size = torch.Size(global_shape)
@@ -121,30 +164,41 @@ class DistCheckpointWriter:
             raise ConversionError(
                 f"{key}: inconsistent global tensor: {list(entry[0])} {entry[1]} vs {list(size)} {chunk.dtype} (shape mismatch between layers?)"
             )
-        chunk_md = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=chunk.shape)
-        entry[2].append(chunk_md)
-        self.index.storage[MetadataIndex(key, torch.Size(offsets))] = self._put(_serialize(_standalone(chunk)))
+        entry[2].append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=chunk.shape))
+        self._submit(MetadataIndex(key, torch.Size(offsets)), _standalone(chunk))
 
     def write_object(self, fqn: str, obj) -> None:
         if fqn in self.index.objects:
             raise ConversionError(f"object {fqn} written twice")
         self.index.objects.add(fqn)
-        self.index.storage[MetadataIndex(fqn)] = self._put(_serialize(obj))
+        self._submit(MetadataIndex(fqn), _serialize(obj))
 
-    def close(self) -> LocalIndex:
+    def _stop(self) -> None:
         self._queue.put(None)
         self._thread.join()
         self._file.close()
+
+    def close(self) -> LocalIndex:
+        self._stop()
         if self._error is not None:
             raise ConversionError(f"writing {self.directory / self.file_name} failed: {self._error}")
-        self.index.file_hashes[self.file_name] = self._hash.hexdigest()
+        self.index.bytes_written = self._file.offset
+        self.index.file_hashes[self.file_name] = self._file.sha256.hexdigest()
         return self.index
 
     def abort(self) -> None:
         self._error = self._error or RuntimeError("aborted")
-        self._queue.put(None)
-        self._thread.join()
-        self._file.close()
+        self._stop()
+
+
+@contextmanager
+def _crc32_disabled(serialization_config):
+    previous = serialization_config.save.compute_crc32
+    serialization_config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        serialization_config.save.compute_crc32 = previous
 
 
 def write_metadata(directory: Path, parts: list[LocalIndex]) -> dict[str, str]:
