@@ -497,14 +497,19 @@ def _megatron_logits(ckpt, hf_src, inputs, dtype, device) -> tuple[list[torch.Te
 
 
 @torch.no_grad()
-def _hf_logits(hf_dir, inputs, dtype, device) -> list[torch.Tensor]:
+def _hf_logits(hf_dir, spec, inputs, dtype, device) -> list[torch.Tensor]:
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # The family module builds the transformers config from the spec: flat (ERNIE "Thinking")
+    # config.json files are not readable by transformers itself and would silently give defaults.
+    from ckptconv.megatron.load import FAMILY_MODULES
+
+    config = importlib.import_module(FAMILY_MODULES[spec.family]).hf_config(spec)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(str(hf_dir), dtype=dtype, trust_remote_code=False)
+        model = AutoModelForImageTextToText.from_pretrained(str(hf_dir), config=config, dtype=dtype, trust_remote_code=False)
     except Exception as exc:
         raise ConversionError(f"{hf_dir}: transformers cannot load the reference model: {exc}") from exc
     model = model.to(device).eval()
@@ -537,6 +542,20 @@ def _export_to_hf(ckpt, out_dir) -> None:
     convert_mcore_to_hf(ckpt, out_dir)
 
 
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+                 "head_dim", "ffn_hidden_size", "num_experts", "moe_ffn_hidden_size")
+
+
+def _check_same_model(source, checkpoint, hf_src, mcore_ckpt) -> None:
+    """Comparing logits of two different architectures is meaningless: refuse up front."""
+    if source.family != checkpoint.family:
+        raise ConversionError(f"{hf_src} is a {source.family} model but {mcore_ckpt} is {checkpoint.family}")
+    for name in _SHAPE_FIELDS:
+        a, b = getattr(source, name), getattr(checkpoint, name)
+        if a != b:
+            raise ConversionError(f"{hf_src} and {mcore_ckpt} are different shapes: {name} {a} vs {b}")
+
+
 def run_verify(
     hf_src,
     mcore_ckpt,
@@ -553,7 +572,9 @@ def run_verify(
 ) -> VerifyReport:
     """Compare HF ``hf_src`` with the Megatron checkpoint ``mcore_ckpt``; see the module docstring."""
     from ckptconv.megatron import runtime
+    from ckptconv.families import normalize_config
     from ckptconv.megatron.load import checkpoint_spec
+    from ckptconv.source import read_config
 
     if mode not in ("direct", "roundtrip"):
         raise ConversionError(f"unknown mode {mode!r}; use direct or roundtrip")
@@ -569,6 +590,8 @@ def run_verify(
     t0 = time.perf_counter()
     dev = runtime.init_parallel(tp=tp, device=device)
     spec = checkpoint_spec(mcore_ckpt, fallback_config=hf_src)
+    source_spec = normalize_config(read_config(hf_src), where=str(hf_src / "config.json"))
+    _check_same_model(source_spec, spec, hf_src, mcore_ckpt)
     inputs = build_inputs(
         spec, hf_src, prompt=prompt, image=image, synthetic_image_=synthetic_image, text_only=text_only
     )
@@ -590,12 +613,12 @@ def run_verify(
         if runtime.is_rank0():
             try:
                 t0 = time.perf_counter()
-                reference = _hf_logits(hf_src, inputs, torch_dtype, dev)
+                reference = _hf_logits(hf_src, source_spec, inputs, torch_dtype, dev)
                 timings["hf_reference"] = time.perf_counter() - t0
                 results = _compare(inputs, reference, megatron_logits, "megatron", tol)
                 if mode == "roundtrip":
                     t0 = time.perf_counter()
-                    exported = _hf_logits(export_dir, inputs, torch_dtype, dev)
+                    exported = _hf_logits(export_dir, source_spec, inputs, torch_dtype, dev)
                     results += _compare(inputs, reference, exported, "hf-export", tol)
                     timings["hf_export"] = time.perf_counter() - t0
                 report = VerifyReport(

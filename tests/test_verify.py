@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,21 @@ def test_roundtrip_compares_the_reexported_hf_model_too(tiny_hf, ckpt_tp1):
     ]
     exported = [r for r in report.results if r.comparison == "hf-export"]
     assert all(m.max_abs == 0.0 for r in exported for m in r.groups.values() if m is not None)
+
+
+def test_verify_refuses_a_checkpoint_of_another_family_or_shape(tmp_path):
+    """Issue 9: SRC and checkpoint of different families or shapes -> one clear error, exit 2."""
+    from ckptconv.fixtures import make_tiny_ernie4_5_vl_moe, make_tiny_qwen2_5_vl
+    from ckptconv.hf_to_mcore import convert_hf_to_mcore
+
+    qwen = make_tiny_qwen2_5_vl(tmp_path / "qwen")
+    convert_hf_to_mcore(str(qwen), tmp_path / "qwen-mcore")
+    ernie = make_tiny_ernie4_5_vl_moe(tmp_path / "ernie")
+    deeper = make_tiny_qwen2_5_vl(tmp_path / "deeper", num_layers=3)
+    for src, message in [(ernie, "is a ernie4_5_vl_moe model but"), (deeper, "different shapes: num_layers 3 vs 2")]:
+        result = subprocess.run(
+            [sys.executable, "-m", "ckptconv", "verify", str(src), str(tmp_path / "qwen-mcore"), "--no-image"],
+            capture_output=True, text=True, cwd=REPO,
+        )
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
