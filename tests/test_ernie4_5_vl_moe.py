@@ -14,7 +14,6 @@ Run as a script under torchrun, this file is the worker of the tensor/expert-par
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -35,8 +34,6 @@ from ckptconv.transforms import get as get_transform
 
 FAMILY = "ernie4_5_vl_moe"
 TOLERANCE = 1e-4  # fp32 max-abs logit difference; the implementations differ only in summation order
-HAVE_CONVERTER = importlib.util.find_spec("ckptconv.hf_to_mcore") is not None
-HAVE_EXPORTER = importlib.util.find_spec("ckptconv.mcore_to_hf") is not None
 PROMPT = "Describe the picture: colours, shapes, and where they are."
 
 
@@ -360,7 +357,6 @@ def test_raw_pixels_are_normalized_inside_the_model(tiny):
 # =========================================================================== through the converter
 
 
-@pytest.mark.skipif(not HAVE_CONVERTER, reason="ckptconv.hf_to_mcore (the lead's converter) is not available")
 def test_hf_to_mcore_checkpoint_loads_strictly_and_matches_hf(tiny, tmp_path):
     from ckptconv.hf_to_mcore import convert_hf_to_mcore
     from ckptconv.megatron.load import build_and_load
@@ -372,7 +368,6 @@ def test_hf_to_mcore_checkpoint_loads_strictly_and_matches_hf(tiny, tmp_path):
     assert max(diffs.values()) <= TOLERANCE, diffs
 
 
-@pytest.mark.skipif(not (HAVE_CONVERTER and HAVE_EXPORTER), reason="the lead's converters are not available")
 @pytest.mark.parametrize("shape", ["nested", "flat"])
 def test_round_trip_hf_mcore_hf_is_bit_exact(ernie_dirs, parallel_state_tp1, tmp_path, shape):
     from ckptconv.hf_to_mcore import convert_hf_to_mcore
@@ -403,7 +398,7 @@ def test_tensor_and_expert_parallel_models_match_hf(ernie_dirs, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # the two ranks' lines may interleave: find the reports anywhere in the output
     reported = set(re.findall(r"ERNIE-PARALLEL (\w+ rank\d) ", result.stdout))
-    expected = {"tp2 rank0", "tp2 rank1"} | ({"ep2 rank0", "ep2 rank1"} if HAVE_CONVERTER else set())
+    expected = {"tp2 rank0", "tp2 rank1", "ep2 rank0", "ep2 rank1"}
     assert reported == expected, result.stdout[-3000:]
 
 
@@ -440,15 +435,14 @@ def _parallel_worker(hf_dir: Path, ckpt_dir: Path) -> None:
     tensors = global_tensors(plan, hf_dir)
     check("tp2", build_filled_model(spec, tensors, plan.padded_vocab_size), plan, tensors)
 
-    if HAVE_CONVERTER:
-        from ckptconv.hf_to_mcore import convert_hf_to_mcore
-        from ckptconv.megatron.load import build_and_load
+    from ckptconv.hf_to_mcore import convert_hf_to_mcore
+    from ckptconv.megatron.load import build_and_load
 
-        runtime.init_parallel(tp=1, ep=2, device="cpu")
-        convert_hf_to_mcore(str(hf_dir), ckpt_dir, ep=2)
-        model, _ = build_and_load(ckpt_dir)
-        plan = plan_for(spec, ep=2)
-        check("ep2", model, plan, global_tensors(plan, hf_dir))
+    runtime.init_parallel(tp=1, ep=2, device="cpu")
+    convert_hf_to_mcore(str(hf_dir), ckpt_dir, ep=2)
+    model, _ = build_and_load(ckpt_dir)
+    plan = plan_for(spec, ep=2)
+    check("ep2", model, plan, global_tensors(plan, hf_dir))
     runtime.destroy_parallel()
 
 
