@@ -148,7 +148,7 @@ def convert_item(plan: Plan, item: PlanItem, source: HFCheckpoint, writer: DistC
     outputs = get_transform(item.rule.transform).forward(inputs, _context(plan, item))
     tp = plan.layout.etp if item.rule.expert_parallel else plan.layout.tp
     for target, tensor in zip(item.targets, outputs):
-        if dtype is not None and tensor.is_floating_point():
+        if dtype is not None and tensor.is_floating_point() and not item.rule.keep_dtype:
             tensor = tensor.to(dtype)
         global_shape = (*target.axis_sizes, *tensor.shape)
         lead = (1,) * len(target.axis_index)

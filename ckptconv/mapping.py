@@ -14,6 +14,7 @@ how::
     pool = 1                   # {expert} ranges over this expert pool; {hf_expert} = offset index
     shape = ["hidden_size"]    # expected HF shape (checked before converting), one list per hf name or one for all
     params = { dim = 1 }       # extra parameters for the transform
+    keep_dtype = true          # never cast by --dtype (fp32 router weights and biases)
 
 Placeholders: ``{layer}``, ``{expert}``, ``{hf_expert}`` and any range the family's normalizer
 declares in ``spec.extra["ranges"]`` (e.g. ``{vblock}`` for vision blocks).
@@ -49,6 +50,8 @@ class Rule:
     params: dict = field(default_factory=dict)
     expert_parallel: bool = False
     """True for expert weights: sharded over EP ranks (and expert-TP) instead of TP."""
+    keep_dtype: bool = False
+    """True for tensors that stay in their source dtype whatever ``--dtype`` says."""
 
     def placeholders(self) -> tuple[set[str], set[str]]:
         hf = {p for name in self.hf for p in _PLACEHOLDER.findall(name)}
@@ -69,7 +72,8 @@ def _as_tuple(value) -> tuple[str, ...]:
 
 
 def _parse_rule(row: dict, where: str) -> Rule:
-    known = {"hf", "mcore", "transform", "shard", "extra_state", "when", "layers", "pool", "shape", "params", "expert_parallel"}
+    known = {"hf", "mcore", "transform", "shard", "extra_state", "when", "layers", "pool", "shape", "params",
+             "expert_parallel", "keep_dtype"}
     unknown = set(row) - known
     if unknown:
         raise ConversionError(f"{where}: unknown field(s) {sorted(unknown)}")
@@ -87,6 +91,7 @@ def _parse_rule(row: dict, where: str) -> Rule:
         shape=tuple(row["shape"]) if "shape" in row else None,
         params=dict(row.get("params", {})),
         expert_parallel=bool(row.get("expert_parallel", False)),
+        keep_dtype=bool(row.get("keep_dtype", False)),
     )
     if rule.shard not in SHARD_KINDS:
         raise ConversionError(f"{where}: shard {rule.shard!r} is not one of {SHARD_KINDS}")

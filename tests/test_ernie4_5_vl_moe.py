@@ -448,3 +448,16 @@ def _parallel_worker(hf_dir: Path, ckpt_dir: Path) -> None:
 
 if __name__ == "__main__":
     _parallel_worker(Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+def test_dtype_bf16_keeps_the_routers_in_their_source_dtype(ernie_dirs, tmp_path):
+    """--dtype bf16 casts weights, but router weights and score-correction biases keep fp32."""
+    from ckptconv.hf_to_mcore import convert_hf_to_mcore
+    from ckptconv.torch_dist import DistCheckpointReader
+
+    convert_hf_to_mcore(str(ernie_dirs["nested"]), tmp_path / "bf16", dtype="bf16")
+    reader = DistCheckpointReader(tmp_path / "bf16")
+    dtypes = {key: reader.dtype(key) for key in reader.tensor_keys()}
+    router_keys = [k for k in dtypes if ".router." in k]
+    assert router_keys and all(dtypes[k] == torch.float32 for k in router_keys)
+    assert all(dtypes[k] == torch.bfloat16 for k in dtypes if ".router." not in k)
