@@ -18,16 +18,22 @@ RELEASE_DIR = "release"
 
 
 def versions() -> dict:
-    import megatron.core
-    import safetensors
-    import transformers
+    """Versions of what wrote the checkpoint (from package metadata: importing megatron-core or
+    transformers only to read a version string would cost seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
 
     return {
         "ckptconv": ckptconv.__version__,
         "torch": torch.__version__,
-        "megatron_core": getattr(megatron.core, "__version__", "unknown"),
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
+        "megatron_core": of("megatron-core"),
+        "transformers": of("transformers"),
+        "safetensors": of("safetensors"),
     }
 
 
