@@ -16,7 +16,7 @@ from ckptconv import distributed
 from ckptconv.errors import ConversionError
 from ckptconv.families import normalize_config
 from ckptconv.layout import ParallelLayout, tp_chunks
-from ckptconv.manifest import RELEASE_DIR, TRACKER_NAME, sha256_file, versions, write_manifest
+from ckptconv.manifest import CHECKSUM, RELEASE_DIR, TRACKER_NAME, checksum_file, versions, write_manifest
 from ckptconv.mapping import load_table
 from ckptconv.outdir import staged_output
 from ckptconv.plan import Plan, PlanItem, build_plan
@@ -229,7 +229,7 @@ def _finish_checkpoint(staging: Path, release: Path, parts: list[LocalIndex], pl
     (staging / TRACKER_NAME).write_text("release")
     for sidecar in source.sidecar_files():
         shutil.copy2(sidecar, staging / sidecar.name)
-        hashes[sidecar.name] = sha256_file(staging / sidecar.name)
+        hashes[sidecar.name] = checksum_file(staging / sidecar.name)
     write_manifest(staging, {
         "format": "ckptconv/1",
         "family": plan.spec.family,
@@ -243,6 +243,7 @@ def _finish_checkpoint(staging: Path, release: Path, parts: list[LocalIndex], pl
         "mapping_table": {"file": plan.table.path.name, "sha256": plan.table.sha256},
         "hf_tensors": {name: {"dtype": info.dtype, "shape": list(info.shape), "file": info.file}
                        for name, info in sorted(source.tensors.items())},
+        "checksum": CHECKSUM,
         "files": dict(sorted(hashes.items())),
         "filled_defaults": list(plan.spec.filled_defaults),
     })

@@ -2,7 +2,8 @@
 
 The format is PyTorch Distributed Checkpoint (DCP) plus two megatron files:
 
-- ``__<rank>_<n>.distcp``: each tensor chunk ``torch.save``-d back to back; each ShardedObject
+- ``__<rank>_<n>.distcp``: each tensor chunk as a ``torch.save`` archive, back to back (written by
+  ``torch_save_format.write_tensor``, which streams the bytes without torch.save's copies); each ShardedObject
   (``_extra_state``) as the bytes of ``torch.save([obj])``;
 - ``.metadata``: a pickled ``torch.distributed.checkpoint.metadata.Metadata`` with every key's
   global shape, dtype and chunk list, and where each chunk's bytes live;
@@ -17,13 +18,11 @@ uses the chunk table directly, so a single tensor can be fetched without loading
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import pickle
 import queue
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from ckptconv.errors import ConversionError
+from ckptconv.manifest import checksum_bytes, new_checksum
+from ckptconv.torch_save_format import write_tensor
 
 MEGATRON_METADATA = {
     "sharded_backend": "torch_dist",
@@ -57,14 +58,6 @@ def _serialize(obj) -> bytes:
     return buffer.getvalue()
 
 
-def _standalone(tensor: torch.Tensor) -> torch.Tensor:
-    """``torch.save`` writes a view's whole storage; make sure only the chunk's bytes are saved."""
-    tensor = tensor.contiguous()
-    if tensor.untyped_storage().nbytes() != tensor.nbytes or tensor.storage_offset() != 0:
-        tensor = tensor.clone()
-    return tensor
-
-
 @dataclass
 class LocalIndex:
     """What one rank wrote: merged by rank 0 into the checkpoint's ``.metadata``."""
@@ -77,17 +70,17 @@ class LocalIndex:
 
 
 class _HashingFile:
-    """The data file as torch.save sees it: every write is hashed and counted on the way."""
+    """The data file as torch.save sees it: every write is checksummed and counted on the way."""
 
     def __init__(self, path: Path):
         self._file = open(path, "wb")
-        self.sha256 = hashlib.sha256()
+        self.checksum = new_checksum()
         self.offset = 0
 
     def write(self, data) -> int:
         view = memoryview(data)
         self._file.write(view)
-        self.sha256.update(view)
+        self.checksum.update(view)
         self.offset += view.nbytes
         return view.nbytes
 
@@ -120,10 +113,6 @@ class DistCheckpointWriter:
         self._thread.start()
 
     def _drain(self) -> None:
-        # Each chunk is a small torch.save zip archive; its CRC32 costs more than the write
-        # itself, and DCP's reader does not check it.
-        from torch.utils.serialization import config as serialization_config
-
         while True:
             job = self._queue.get()
             if job is None:
@@ -135,8 +124,7 @@ class DistCheckpointWriter:
                     if isinstance(payload, bytes):
                         self._file.write(payload)
                     else:
-                        with _crc32_disabled(serialization_config):
-                            torch.save(payload, self._file)
+                        write_tensor(self._file, payload)
                     self.index.storage[index] = _StorageInfo(self.file_name, start, self._file.offset - start)
                 except BaseException as exc:  # disk full etc.: surfaced on the next write / close
                     self._error = exc
@@ -165,7 +153,7 @@ class DistCheckpointWriter:
                 f"{key}: inconsistent global tensor: {list(entry[0])} {entry[1]} vs {list(size)} {chunk.dtype} (shape mismatch between layers?)"
             )
         entry[2].append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=chunk.shape))
-        self._submit(MetadataIndex(key, torch.Size(offsets)), _standalone(chunk))
+        self._submit(MetadataIndex(key, torch.Size(offsets)), chunk)
 
     def write_object(self, fqn: str, obj) -> None:
         if fqn in self.index.objects:
@@ -183,22 +171,12 @@ class DistCheckpointWriter:
         if self._error is not None:
             raise ConversionError(f"writing {self.directory / self.file_name} failed: {self._error}")
         self.index.bytes_written = self._file.offset
-        self.index.file_hashes[self.file_name] = self._file.sha256.hexdigest()
+        self.index.file_hashes[self.file_name] = self._file.checksum.hexdigest()
         return self.index
 
     def abort(self) -> None:
         self._error = self._error or RuntimeError("aborted")
         self._stop()
-
-
-@contextmanager
-def _crc32_disabled(serialization_config):
-    previous = serialization_config.save.compute_crc32
-    serialization_config.save.compute_crc32 = False
-    try:
-        yield
-    finally:
-        serialization_config.save.compute_crc32 = previous
 
 
 def write_metadata(directory: Path, parts: list[LocalIndex]) -> dict[str, str]:
@@ -235,7 +213,7 @@ def write_metadata(directory: Path, parts: list[LocalIndex]) -> dict[str, str]:
     }
     for name, payload in payloads.items():
         (directory / name).write_bytes(payload)
-        hashes[name] = hashlib.sha256(payload).hexdigest()
+        hashes[name] = checksum_bytes(payload)
     return hashes
 
 

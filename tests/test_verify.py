@@ -68,6 +68,8 @@ def rewrite_chunk(ckpt: Path, key: str, edit, first_axis_offset: int = 0) -> Non
     tensor at (file, offset, length) given by the metadata; ``edit`` changes values, not shapes."""
     from torch.distributed.checkpoint import FileSystemReader
 
+    from ckptconv.torch_save_format import write_tensor
+
     release = ckpt / "release"
     meta = FileSystemReader(str(release)).read_metadata()
     (info,) = [s for i, s in meta.storage_data.items() if i.fqn == key and i.offset[0] == first_axis_offset]
@@ -76,7 +78,7 @@ def rewrite_chunk(ckpt: Path, key: str, edit, first_axis_offset: int = 0) -> Non
         tensor = torch.load(io.BytesIO(f.read(info.length)), weights_only=True).clone()
         edit(tensor)
         buf = io.BytesIO()
-        torch.save(tensor, buf)
+        write_tensor(buf, tensor)  # the converter's own chunk format: same length as the original
         assert len(buf.getvalue()) == info.length
         f.seek(info.offset)
         f.write(buf.getvalue())
