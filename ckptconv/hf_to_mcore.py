@@ -23,7 +23,7 @@ from ckptconv.plan import Plan, PlanItem, build_plan
 from ckptconv.report import Summary, make_progress
 from ckptconv.source import HFCheckpoint, open_hf_checkpoint
 from ckptconv.torch_dist import EXTRA_STATE_BYTES_OBJECT, DistCheckpointWriter, LocalIndex, write_metadata
-from ckptconv.transforms import TransformContext, get as get_transform
+from ckptconv.transforms import RowBlocks, TransformContext, get as get_transform
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -141,11 +141,26 @@ def assign_items(plan: Plan, source: HFCheckpoint, world_size: int) -> list[list
     return [[item for position, item in enumerate(plan.items) if owner[position] == rank] for rank in range(world_size)]
 
 
+def _chunk(tensor, offsets, sizes):
+    """The chunk at ``offsets``/``sizes``. Row blocks split along rows stay blocks (no copy);
+    anything else is sliced as a tensor."""
+    if isinstance(tensor, RowBlocks):
+        if tuple(offsets[1:]) == (0,) * (len(offsets) - 1) and tuple(sizes[1:]) == tuple(tensor.shape[1:]):
+            return tensor.narrow_rows(offsets[0], sizes[0])
+        tensor = tensor.materialize()
+    return tensor[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
+
+
 def convert_item(plan: Plan, item: PlanItem, source: HFCheckpoint, writer: DistCheckpointWriter, dtype) -> int:
     """Read, transform, chunk and write one plan item. Returns bytes read."""
+    # Wait until the writer has room before touching the next tensors: memory then holds one item
+    # being read and what the writer has queued, never a backlog of items.
+    writer.wait_for_room(sum(source.tensors[name].nbytes for name in item.hf_names))
     inputs = [source.read(name) for name in item.hf_names]
     bytes_read = sum(t.nbytes for t in inputs)
-    outputs = get_transform(item.rule.transform).forward(inputs, _context(plan, item))
+    transform = get_transform(item.rule.transform)
+    outputs = (transform.forward_rows or transform.forward)(inputs, _context(plan, item))
+    del inputs  # fused outputs are new tensors; the inputs' mapped pages can go
     tp = plan.layout.etp if item.rule.expert_parallel else plan.layout.tp
     for target, tensor in zip(item.targets, outputs):
         if dtype is not None and tensor.is_floating_point() and not item.rule.keep_dtype:
@@ -153,8 +168,8 @@ def convert_item(plan: Plan, item: PlanItem, source: HFCheckpoint, writer: DistC
         global_shape = (*target.axis_sizes, *tensor.shape)
         lead = (1,) * len(target.axis_index)
         for _tp_rank, offsets, sizes in tp_chunks(item.rule.shard, tuple(tensor.shape), tp, target.name):
-            piece = tensor[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
-            writer.write_chunk(target.key, global_shape, (*target.axis_index, *offsets), piece.reshape(*lead, *sizes))
+            writer.write_chunk(target.key, global_shape, (*target.axis_index, *offsets), _chunk(tensor, offsets, sizes),
+                               shape=(*lead, *sizes))
         if item.rule.extra_state:
             writer.write_object(target.extra_state_fqn, EXTRA_STATE_BYTES_OBJECT)
     return bytes_read

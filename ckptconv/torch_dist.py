@@ -124,7 +124,7 @@ class DistCheckpointWriter:
                     if isinstance(payload, bytes):
                         self._file.write(payload)
                     else:
-                        write_tensor(self._file, payload)
+                        write_tensor(self._file, *payload)
                     self.index.storage[index] = _StorageInfo(self.file_name, start, self._file.offset - start)
                 except BaseException as exc:  # disk full etc.: surfaced on the next write / close
                     self._error = exc
@@ -133,18 +133,27 @@ class DistCheckpointWriter:
                 self._queued_bytes -= size
                 self._space.notify_all()
 
-    def _submit(self, index: MetadataIndex, payload) -> None:
-        if self._error is not None:
-            raise ConversionError(f"writing {self.directory / self.file_name} failed: {self._error}")
-        size = payload.nbytes if isinstance(payload, torch.Tensor) else len(payload)
+    def wait_for_room(self, size: int) -> None:
+        """Block while the queue holds work and ``size`` more bytes would exceed the bound."""
         with self._space:
             while self._queued_bytes > 0 and self._queued_bytes + size > self._max_queued_bytes:
                 self._space.wait()
+
+    def _submit(self, index: MetadataIndex, payload) -> None:
+        if self._error is not None:
+            raise ConversionError(f"writing {self.directory / self.file_name} failed: {self._error}")
+        size = payload[0].nbytes if isinstance(payload, tuple) else len(payload)
+        self.wait_for_room(size)
+        with self._space:
             self._queued_bytes += size
         self._queue.put((index, payload, size))
 
-    def write_chunk(self, key: str, global_shape: tuple[int, ...], offsets: tuple[int, ...], chunk: torch.Tensor) -> None:
+    def write_chunk(self, key: str, global_shape: tuple[int, ...], offsets: tuple[int, ...], chunk,
+                    shape: tuple[int, ...] | None = None) -> None:
+        """Queue one chunk (a tensor or :class:`RowBlocks`) at ``offsets`` of the global tensor
+        ``key``; ``shape`` (default: the chunk's) adds the leading layer / expert axes of extent 1."""
         size = torch.Size(global_shape)
+        shape = torch.Size(shape if shape is not None else chunk.shape)
         entry = self.index.tensors.get(key)
         if entry is None:
             entry = self.index.tensors[key] = (size, chunk.dtype, [])
@@ -152,8 +161,8 @@ class DistCheckpointWriter:
             raise ConversionError(
                 f"{key}: inconsistent global tensor: {list(entry[0])} {entry[1]} vs {list(size)} {chunk.dtype} (shape mismatch between layers?)"
             )
-        entry[2].append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=chunk.shape))
-        self._submit(MetadataIndex(key, torch.Size(offsets)), chunk)
+        entry[2].append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=shape))
+        self._submit(MetadataIndex(key, torch.Size(offsets)), (chunk, shape))
 
     def write_object(self, fqn: str, obj) -> None:
         if fqn in self.index.objects:

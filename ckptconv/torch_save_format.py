@@ -67,14 +67,23 @@ def _central_entry(name: bytes, size: int, offset: int) -> bytes:
     ) + name
 
 
-def write_tensor(file, tensor: torch.Tensor) -> None:
-    """Append ``tensor`` to ``file`` (anything with ``write``) as a ``torch.load``-able archive."""
-    tensor = _standalone_alias(tensor.detach())
-    if tensor.nbytes >= _ZIP32_LIMIT:
-        torch.save(tensor, file)
+def write_tensor(file, tensor, shape: tuple[int, ...] | None = None) -> None:
+    """Append ``tensor`` to ``file`` (anything with ``write``) as a ``torch.load``-able archive of
+    shape ``shape`` (default: its own). ``tensor`` may be :class:`~ckptconv.transforms.RowBlocks`:
+    its parts are written back to back as one storage, never concatenated in memory."""
+    shape = tuple(shape if shape is not None else tensor.shape)
+    parts = tensor.parts if hasattr(tensor, "parts") else [tensor.detach()]
+    parts = [_standalone_alias(p) for p in parts]
+    nbytes = sum(p.nbytes for p in parts)
+    if nbytes >= _ZIP32_LIMIT:
+        whole = torch.cat([p.reshape(-1) for p in parts]) if len(parts) > 1 else parts[0]
+        torch.save(whole.reshape(shape), file)
         return
+    # data.pkl only describes the storage (dtype, size, shape): a stand-in from torch.empty is never
+    # touched, so it costs address space, not memory.
+    stand_in = parts[0] if len(parts) == 1 else torch.empty(shape, dtype=parts[0].dtype)
     collector = _RecordCollector()
-    torch.serialization._save(tensor, collector, pickle, 2, _disable_byteorder_record=False)
+    torch.serialization._save(stand_in.reshape(shape), collector, pickle, 2, _disable_byteorder_record=False)
     records = [*collector.records, *((name, data, len(data)) for name, data in _TRAILER_RECORDS)]
     position = 0
     directory = []
@@ -85,10 +94,11 @@ def write_tensor(file, tensor: torch.Tensor) -> None:
         directory.append(_central_entry(full_name, size, position))
         position += len(header)
         if payload is None:  # the storage record: the tensor's bytes, written as they lie in memory
-            if size != tensor.nbytes:
-                raise AssertionError(f"storage record of {size} bytes for a tensor of {tensor.nbytes}")
-            if size:
-                file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            if size != nbytes:
+                raise AssertionError(f"storage record of {size} bytes for a tensor of {nbytes}")
+            for part in parts:
+                if part.nbytes:
+                    file.write(memoryview(part.reshape(-1).view(torch.uint8).numpy()))
         else:
             file.write(payload)
         position += size

@@ -44,17 +44,60 @@ class Transform:
     inverse: Callable[[Tensors, TransformContext], Tensors]
     arity: tuple[int | None, int | None]
     """(number of HF tensors, number of Megatron tensors); None = as many as the row lists."""
+    forward_rows: Callable[[Tensors, TransformContext], list["RowBlocks"]] | None = None
+    """Optional streaming form of ``forward``: the same result as row blocks, not copied into
+    one tensor; the writer writes the blocks back to back (see :class:`RowBlocks`)."""
+
+
+class RowBlocks:
+    """A tensor that is the concatenation of ``parts`` along dim 0, kept as its parts.
+
+    Megatron's fused layouts are row concatenations (padding rows after the vocabulary, ...). The
+    streaming converter writes such a tensor block by block, so it never allocates the fused copy:
+    for the embedding of a large vocabulary that copy would be the peak of the whole conversion.
+    """
+
+    def __init__(self, parts: Tensors):
+        self.parts = [p for p in parts if p.shape[0]] or parts[:1]
+        first = self.parts[0]
+        self.dtype = first.dtype
+        self.shape = torch.Size((sum(p.shape[0] for p in self.parts), *first.shape[1:]))
+        if any(p.shape[1:] != first.shape[1:] or p.dtype != first.dtype for p in self.parts):
+            raise ValueError("row blocks must agree in trailing shape and dtype")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def to(self, dtype: torch.dtype) -> "RowBlocks":
+        return RowBlocks([p.to(dtype) for p in self.parts])
+
+    def narrow_rows(self, start: int, length: int) -> "RowBlocks":
+        out, row = [], 0
+        for part in self.parts:
+            lo, hi = max(start, row), min(start + length, row + part.shape[0])
+            if lo < hi:
+                out.append(part[lo - row: hi - row])
+            row += part.shape[0]
+        return RowBlocks(out)
+
+    def materialize(self) -> torch.Tensor:
+        return torch.cat(self.parts, dim=0) if len(self.parts) > 1 else self.parts[0]
 
 
 TRANSFORMS: dict[str, Transform] = {}
 
 
 def register(name: str, arity: tuple[int | None, int | None]):
-    """Decorator for a ``(forward, inverse)`` pair factory: ``@register("x", (1, 1))``."""
+    """Decorator for a ``(forward, inverse)`` (or ``(forward, inverse, forward_rows)``) factory:
+    ``@register("x", (1, 1))``."""
 
-    def wrap(factory: Callable[[], tuple[Callable, Callable]]):
-        forward, inverse = factory()
-        TRANSFORMS[name] = Transform(name, forward, inverse, arity)
+    def wrap(factory: Callable[[], tuple]):
+        forward, inverse, *streaming = factory()
+        TRANSFORMS[name] = Transform(name, forward, inverse, arity, *streaming)
         return factory
 
     return wrap
@@ -177,23 +220,24 @@ def _pad_vocab():
     """Megatron pads the vocabulary so it splits evenly over TP (see ``layout.padded_vocab_size``).
     Pad rows are zeros; export drops them."""
 
-    def forward(ts, ctx):
+    def forward_rows(ts, ctx):
         (t,) = ts
         vocab = ctx.spec.vocab_size
         _expect_shape(t, (vocab, *t.shape[1:]), "embedding / output layer", ctx)
         pad = ctx.padded_vocab_size - vocab
         if pad < 0:
             raise ctx.fail(f"padded vocab {ctx.padded_vocab_size} is smaller than vocab {vocab}")
-        if pad == 0:
-            return [t]
-        return [torch.cat([t, t.new_zeros((pad, *t.shape[1:]))], dim=0)]
+        return [RowBlocks([t, t.new_zeros((pad, *t.shape[1:]))])]
+
+    def forward(ts, ctx):
+        return [rows.materialize() for rows in forward_rows(ts, ctx)]
 
     def inverse(ts, ctx):
         (t,) = ts
         _expect_shape(t, (ctx.padded_vocab_size, *t.shape[1:]), "padded embedding / output layer", ctx)
         return [t[: ctx.spec.vocab_size].contiguous()]
 
-    return forward, inverse
+    return forward, inverse, forward_rows
 
 
 # ----------------------------------------------------------------------------------------------

@@ -58,3 +58,15 @@ def test_chunks_that_do_not_tile_the_tensor_are_refused(tmp_path):
     writer.write_chunk("w", (2, 4), (0, 0), torch.zeros(1, 4))  # layer 1 never written
     with pytest.raises(ConversionError, match="chunks cover 4 of 8 elements"):
         write_metadata(tmp_path, [writer.close()])
+
+
+def test_row_blocks_are_written_as_one_tensor_without_being_concatenated():
+    from ckptconv.transforms import RowBlocks
+
+    top, bottom = torch.randn(5, 3), torch.zeros(2, 3)
+    buffer = io.BytesIO()
+    write_tensor(buffer, RowBlocks([top, bottom]), shape=(1, 7, 3))
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    assert loaded.shape == (1, 7, 3) and torch.equal(loaded[0], torch.cat([top, bottom]))
+    rows = RowBlocks([top, bottom]).narrow_rows(4, 3)
+    assert [tuple(p.shape) for p in rows.parts] == [(1, 3), (2, 3)]
