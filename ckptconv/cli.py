@@ -112,7 +112,10 @@ def hf_to_mcore(
         )
         _print_summary(summary, as_json)
 
-    run_reporting_errors(debug, work)
+    try:
+        run_reporting_errors(debug, work)
+    finally:
+        distributed.shutdown()
 
 
 @app.command("mcore-to-hf")
@@ -139,7 +142,10 @@ def mcore_to_hf(
         )
         _print_summary(summary, as_json)
 
-    run_reporting_errors(debug, work)
+    try:
+        run_reporting_errors(debug, work)
+    finally:
+        distributed.shutdown()
 
 
 @app.command("check")

@@ -19,6 +19,14 @@ def init_from_env() -> None:
         dist.init_process_group("gloo")
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly: a gloo group left to process exit can abort the process
+    ("terminate called without an active exception") after the work is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

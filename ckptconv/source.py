@@ -4,13 +4,17 @@
 ``huggingface_hub``'s cache; offline works). Before anything is converted it checks what a bad
 checkpoint would otherwise break on half-way: the config parses, the index names only files inside
 the model directory, every shard exists, every safetensors header parses and fits its file, and the
-index agrees with the headers. Tensors are then read lazily, one at a time, with ``safe_open``.
+index agrees with the headers. Tensors are then read one at a time, each mapped on its own
+(``mmap`` of just its byte range, private): the page cache is used in place, with no copy, and the
+mapping goes away with the tensor, so memory holds the tensors in flight, never a whole shard
+(``safe_open`` maps the whole file, and every page read stays resident until the handle closes).
 Pickle weights (``*.bin``, ``*.pt``) are refused: we never unpickle a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import struct
@@ -18,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from ckptconv.errors import ConversionError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -43,6 +45,8 @@ class TensorInfo:
     """safetensors dtype name, e.g. ``BF16``."""
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0
+    """Where the tensor's bytes start in the file."""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -60,8 +64,15 @@ class HFCheckpoint:
         info = self.tensors[name]
         handle = self._handles.get(info.file)
         if handle is None:
-            handle = self._handles[info.file] = safe_open(str(self.root / info.file), framework="pt")
-        return handle.get_tensor(name)
+            handle = self._handles[info.file] = open(self.root / info.file, "rb", buffering=0)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.torch_dtype)
+        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+        # MAP_PRIVATE + PROT_WRITE: a writable tensor (torch wants one) whose writes never reach the file.
+        region = mmap.mmap(handle.fileno(), info.offset + info.nbytes - start, flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        raw = torch.frombuffer(region, dtype=torch.uint8, count=info.nbytes, offset=info.offset - start)
+        return raw.view(info.torch_dtype).reshape(info.shape)
 
     def sidecar_files(self) -> list[Path]:
         """Config, tokenizer and processor files to carry along (never weights or the index)."""
@@ -74,6 +85,8 @@ class HFCheckpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
 
@@ -164,7 +177,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             numel *= d
         if end - start != numel * SAFETENSORS_DTYPES[dtype].itemsize:
             raise ConversionError(f"{path}: corrupt header: tensor {name} {dtype}{list(shape)} spans {end - start} bytes")
-        infos[name] = TensorInfo(name, path.name, dtype, shape, end - start)
+        infos[name] = TensorInfo(name, path.name, dtype, shape, end - start, 8 + header_len + start)
     return infos
 
 
@@ -199,7 +212,7 @@ def open_hf_checkpoint(src: str) -> HFCheckpoint:
         for name, info in read_safetensors_header(path).items():
             if name in tensors:
                 raise ConversionError(f"{path}: tensor {name} also appears in {tensors[name].file}")
-            tensors[name] = TensorInfo(name, rel, info.dtype, info.shape, info.nbytes)
+            tensors[name] = TensorInfo(name, rel, info.dtype, info.shape, info.nbytes, info.offset)
     if weight_map is not None:
         for name, rel in weight_map.items():
             if name not in tensors or tensors[name].file != Path(rel).as_posix():

@@ -141,6 +141,19 @@ def _fuse_qkv():
     each group g, where q_g holds ``heads/groups`` heads. Works for weights ``[rows, in]`` and
     biases ``[rows]`` alike (the trailing dims ride along)."""
 
+    def forward_rows(ts, ctx):
+        q, k, v = ts
+        heads, groups, d = _attention_geometry(ctx)
+        tail = tuple(q.shape[1:])
+        _expect_shape(q, (heads * d, *tail), "q", ctx)
+        _expect_shape(k, (groups * d, *tail), "k", ctx)
+        _expect_shape(v, (groups * d, *tail), "v", ctx)
+        q_rows = heads // groups * d
+        blocks = []
+        for g in range(groups):
+            blocks += [q[g * q_rows:(g + 1) * q_rows], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
+        return [RowBlocks(blocks)]
+
     def forward(ts, ctx):
         q, k, v = ts
         heads, groups, d = _attention_geometry(ctx)
@@ -173,7 +186,7 @@ def _fuse_qkv():
             v.reshape(groups * d, *tail).contiguous(),
         ]
 
-    return forward, inverse
+    return forward, inverse, forward_rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +201,14 @@ def _fuse_gate_up():
             raise ctx.fail(f"gate {list(gate.shape)} and up {list(up.shape)} differ in shape")
         return [torch.cat([gate, up], dim=ctx.params.get("dim", 0))]
 
+    def forward_rows(ts, ctx):
+        if ctx.params.get("dim", 0) != 0:  # stacked experts fuse along dim 1: not a row concatenation
+            return forward(ts, ctx)
+        gate, up = ts
+        if gate.shape != up.shape:
+            raise ctx.fail(f"gate {list(gate.shape)} and up {list(up.shape)} differ in shape")
+        return [RowBlocks([gate, up])]
+
     def inverse(ts, ctx):
         (fc1,) = ts
         dim = ctx.params.get("dim", 0)
@@ -196,7 +217,7 @@ def _fuse_gate_up():
         gate, up = torch.chunk(fc1, 2, dim=dim)
         return [gate.contiguous(), up.contiguous()]
 
-    return forward, inverse
+    return forward, inverse, forward_rows
 
 
 # ----------------------------------------------------------------------------------------------
