@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
+import os
 import pickle
 import queue
 import threading
@@ -40,7 +42,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from ckptconv.errors import ConversionError
 from ckptconv.manifest import checksum_bytes, new_checksum
-from ckptconv.torch_save_format import write_tensor
+from ckptconv.torch_save_format import read_tensor, write_tensor
 
 MEGATRON_METADATA = {
     "sharded_backend": "torch_dist",
@@ -327,7 +329,8 @@ class DistCheckpointReader:
             raise ConversionError(f"{self.directory}: checkpoint has no tensor {key}")
         return md
 
-    def _load_bytes(self, index: MetadataIndex) -> bytes:
+    def _map_chunk(self, index: MetadataIndex) -> memoryview:
+        """The chunk's bytes, mapped privately (no copy; gone when the last tensor using them is)."""
         try:
             info = self.metadata.storage_data[index]
         except KeyError:
@@ -338,23 +341,29 @@ class DistCheckpointReader:
             if not path.is_file():
                 raise ConversionError(f"{path}: checkpoint data file is missing")
             handle = self._files[info.relative_path] = open(path, "rb")
-        handle.seek(info.offset)
-        data = handle.read(info.length)
-        if len(data) != info.length:
+        if info.offset + info.length > os.fstat(handle.fileno()).st_size:
             raise ConversionError(f"{path}: truncated (chunk of {index.fqn} at byte {info.offset} needs {info.length} bytes)")
-        return data
+        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+        region = mmap.mmap(handle.fileno(), info.offset + info.length - start, flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        return memoryview(region)[info.offset - start:]
 
     def read(self, key: str, axis_index: tuple[int, ...] = ()) -> torch.Tensor:
         """The tensor at ``axis_index`` on the leading (layer / expert) axes, assembled from every
         chunk that overlaps it, whatever TP/PP/EP layout wrote them."""
         md = self._tensor_md(key)
         n_axes = len(axis_index)
-        out = torch.empty(tuple(md.size[n_axes:]), dtype=md.properties.dtype)
+        wanted = tuple(md.size[n_axes:])
+        covering = [c for c in md.chunks if all(o <= i < o + s for i, o, s in zip(axis_index, c.offsets, c.sizes))]
+        if len(covering) == 1 and tuple(covering[0].sizes[n_axes:]) == wanted:
+            # One chunk holds it all (how ckptconv and TP=1 runs write): no assembly, no copy.
+            chunk = covering[0]
+            data = self._load_chunk(key, chunk)
+            return data[tuple(i - o for i, o in zip(axis_index, chunk.offsets))] if n_axes else data
+        out = torch.empty(wanted, dtype=md.properties.dtype)
         filled = 0
-        for chunk in md.chunks:
-            if any(not (o <= i < o + s) for i, o, s in zip(axis_index, chunk.offsets, chunk.sizes)):
-                continue
-            data = torch.load(io.BytesIO(self._load_bytes(MetadataIndex(key, chunk.offsets))), weights_only=True)
+        for chunk in covering:
+            data = self._load_chunk(key, chunk)
             piece = data[tuple(i - o for i, o in zip(axis_index, chunk.offsets))] if n_axes else data
             target = out[tuple(slice(o, o + s) for o, s in zip(chunk.offsets[n_axes:], chunk.sizes[n_axes:]))]
             target.copy_(piece)
@@ -363,10 +372,16 @@ class DistCheckpointReader:
             raise ConversionError(f"{key}{list(axis_index)}: chunks cover {filled} of {out.numel()} elements")
         return out
 
+    def _load_chunk(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
+        data = read_tensor(self._map_chunk(MetadataIndex(key, chunk.offsets)))
+        if tuple(data.shape) != tuple(chunk.sizes):
+            raise ConversionError(f"{self.directory}: chunk of {key} at {list(chunk.offsets)} has shape {list(data.shape)}, metadata says {list(chunk.sizes)}")
+        return data
+
     def read_object(self, fqn: str):
         if not isinstance(self.entries.get(fqn), BytesStorageMetadata):
             raise ConversionError(f"{self.directory}: checkpoint has no object {fqn}")
-        return torch.load(io.BytesIO(self._load_bytes(MetadataIndex(fqn))), weights_only=True)
+        return torch.load(io.BytesIO(bytes(self._map_chunk(MetadataIndex(fqn)))), weights_only=True)
 
     def close(self) -> None:
         for handle in self._files.values():

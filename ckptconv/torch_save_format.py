@@ -105,3 +105,92 @@ def write_tensor(file, tensor, shape: tuple[int, ...] | None = None) -> None:
     central = b"".join(directory)
     file.write(central)
     file.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(records), len(records), len(central), position, 0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading: the same archives, loaded in place.
+class _ZipView:
+    """The records of one torch.save archive lying in a buffer, as torch's loader asks for them.
+
+    ``torch.serialization._load`` given ``overall_storage`` (what ``torch.load(mmap=True)`` does for
+    a whole file) slices storages out of it instead of copying them; this view lets us do the same
+    for an archive that is one chunk inside a larger ``.distcp`` file."""
+
+    def __init__(self, buffer):
+        self.buffer = memoryview(buffer)
+        self.records = _central_directory(self.buffer)
+        self.serialization_id = lambda: ""
+
+    def _name(self, name: str) -> str:
+        return name if name in self.records else next(n for n in self.records if n.split("/", 1)[-1] == name)
+
+    def has_record(self, name: str) -> bool:
+        return any(n == name or n.split("/", 1)[-1] == name for n in self.records)
+
+    def get_record(self, name: str) -> bytes:
+        offset, size = self.records[self._name(name)]
+        return bytes(self.buffer[offset: offset + size])
+
+    def get_record_offset(self, name: str) -> int:
+        return self.records[self._name(name)][0]
+
+    def get_all_records(self) -> list[str]:
+        return [n.split("/", 1)[-1] for n in self.records]
+
+
+def _central_directory(buffer: memoryview) -> dict[str, tuple[int, int]]:
+    """name -> (data offset, size) for a stored (uncompressed) zip, zip64 included."""
+    end = len(buffer) - 22
+    if end < 0 or bytes(buffer[end:end + 4]) != b"PK\x05\x06":
+        raise ValueError("no end-of-central-directory record at the end of the archive")
+    entries, cd_size, cd_offset = struct.unpack_from("<HII", buffer, end + 10)
+    if cd_offset == 0xFFFFFFFF or entries == 0xFFFF:  # zip64: the locator sits just before
+        (zip64_end,) = struct.unpack_from("<Q", buffer, end - 20 + 8)
+        entries, cd_size, cd_offset = struct.unpack_from("<QQQ", buffer, zip64_end + 32)
+    records, position = {}, cd_offset
+    for _ in range(entries):
+        if bytes(buffer[position:position + 4]) != b"PK\x01\x02":
+            raise ValueError("corrupt central directory")
+        method, = struct.unpack_from("<H", buffer, position + 10)
+        csize, usize, name_len, extra_len, comment_len = struct.unpack_from("<IIHHH", buffer, position + 20)
+        (local_offset,) = struct.unpack_from("<I", buffer, position + 42)
+        name = bytes(buffer[position + 46: position + 46 + name_len]).decode()
+        extra = buffer[position + 46 + name_len: position + 46 + name_len + extra_len]
+        if 0xFFFFFFFF in (usize, csize, local_offset):
+            usize, csize, local_offset = _zip64_sizes(extra, usize, csize, local_offset)
+        if method != 0 or csize != usize:
+            raise ValueError(f"record {name} is compressed")
+        local_name_len, local_extra_len = struct.unpack_from("<HH", buffer, local_offset + 26)
+        records[name] = (local_offset + 30 + local_name_len + local_extra_len, usize)
+        position += 46 + name_len + extra_len + comment_len
+    return records
+
+
+def _zip64_sizes(extra: memoryview, usize: int, csize: int, local_offset: int) -> tuple[int, int, int]:
+    position = 0
+    while position + 4 <= len(extra):
+        header_id, size = struct.unpack_from("<HH", extra, position)
+        if header_id == 0x0001:
+            values = iter(struct.unpack_from(f"<{size // 8}Q", extra, position + 4))
+            usize = next(values) if usize == 0xFFFFFFFF else usize
+            csize = next(values) if csize == 0xFFFFFFFF else csize
+            local_offset = next(values) if local_offset == 0xFFFFFFFF else local_offset
+            return usize, csize, local_offset
+        position += 4 + size
+    raise ValueError("zip64 sizes missing")
+
+
+def read_tensor(buffer) -> torch.Tensor:
+    """Load a torch.save archive lying in ``buffer`` (writable, e.g. a private mmap) with the
+    weights-only unpickler; the tensor's storage is the buffer itself, not a copy. Archives this
+    parser does not understand go through ``torch.load``."""
+    try:
+        view = _ZipView(buffer)
+    except (ValueError, struct.error, StopIteration):
+        import io
+
+        return torch.load(io.BytesIO(bytes(buffer)), map_location="cpu", weights_only=True)
+    overall = torch.frombuffer(buffer, dtype=torch.uint8).untyped_storage()
+    return torch.serialization._load(
+        view, "cpu", torch._weights_only_unpickler, overall_storage=overall, encoding="utf-8"
+    )

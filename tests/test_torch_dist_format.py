@@ -70,3 +70,16 @@ def test_row_blocks_are_written_as_one_tensor_without_being_concatenated():
     assert loaded.shape == (1, 7, 3) and torch.equal(loaded[0], torch.cat([top, bottom]))
     rows = RowBlocks([top, bottom]).narrow_rows(4, 3)
     assert [tuple(p.shape) for p in rows.parts] == [(1, 3), (2, 3)]
+
+
+def test_read_tensor_loads_in_place_archives_from_either_writer():
+    """Chunks from ckptconv's writer and from torch.save itself (Megatron's writer, including a
+    view into a larger storage) load through the in-place reader."""
+    from ckptconv.torch_save_format import read_tensor
+
+    base = torch.randn(10, 4)
+    for tensor, writer in [(base[2:5], torch.save), (base[2:5], write_tensor), (base.to(torch.bfloat16), write_tensor)]:
+        buffer = io.BytesIO()
+        writer(tensor, buffer) if writer is torch.save else writer(buffer, tensor)
+        loaded = read_tensor(bytearray(buffer.getvalue()))
+        assert loaded.dtype == tensor.dtype and torch.equal(loaded, tensor)
