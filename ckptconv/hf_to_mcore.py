@@ -98,7 +98,10 @@ def check_shapes(plan: Plan, source: HFCheckpoint) -> None:
                         f"expected {list(expected)} from the config"
                     )
         metas = [torch.empty(info.shape, dtype=info.torch_dtype, device="meta") for info in infos]
-        outputs = get_transform(item.rule.transform).forward(metas, _context(plan, item))
+        # The streaming form where there is one: it only slices, and a meta-tensor concatenation
+        # would import torch._dynamo (half a second) just to learn a shape.
+        transform = get_transform(item.rule.transform)
+        outputs = (transform.forward_rows or transform.forward)(metas, _context(plan, item))
         if len(outputs) != len(item.targets):
             raise ConversionError(f"{item.label}: transform made {len(outputs)} tensors for {len(item.targets)} targets")
 

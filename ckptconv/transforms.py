@@ -262,30 +262,18 @@ def _pad_vocab():
 
 
 # ----------------------------------------------------------------------------------------------
+@register("split_experts", (1, None))
 @register("split_rows", (1, None))
-def _split_rows():
-    """One HF tensor whose rows go to different Megatron tensors (ERNIE's
-    ``moe_statics.e_score_correction_bias`` ``[2, E]``: row 0 text pool, row 1 vision pool)."""
+def _unstack():
+    """One HF tensor whose rows become separate Megatron tensors; inverse: stack them.
+
+    ``split_rows``: ERNIE's ``moe_statics.e_score_correction_bias`` ``[2, E]`` (row 0 steers the
+    text pool, row 1 the vision pool). ``split_experts``: a stacked expert tensor ``[E, ...]``
+    (Step3.7) -> one tensor per expert, as Megatron's expert axis holds them."""
 
     def forward(ts, ctx):
         (t,) = ts
         return [row.contiguous() for row in t.unbind(0)]
-
-    def inverse(ts, ctx):
-        return [torch.stack(ts, dim=0)]
-
-    return forward, inverse
-
-
-# ----------------------------------------------------------------------------------------------
-@register("split_experts", (1, None))
-def _split_experts():
-    """A stacked expert tensor ``[E, ...]`` (Step3.7 stores experts stacked) -> one tensor per
-    expert, as Megatron's expert axis holds them."""
-
-    def forward(ts, ctx):
-        (t,) = ts
-        return [e.contiguous() for e in t.unbind(0)]
 
     def inverse(ts, ctx):
         return [torch.stack(ts, dim=0)]

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptconv.errors import ConversionError
+from ckptconv.megatron.common import causal_mask, runtime_config_kwargs
 from ckptconv.spec import ModelSpec
 
 LANGUAGE_PREFIX = "language_model."
@@ -97,10 +98,6 @@ def hf_config(spec: ModelSpec):
     )
 
 
-def _dtype_flags(dtype: torch.dtype) -> dict:
-    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16, "params_dtype": dtype}
-
-
 def transformer_config(spec: ModelSpec, dtype: torch.dtype = torch.float32):
     """The language model's TransformerConfig; the MoE fields describe the text pool (the vision
     pool's config is derived from it in :func:`pool_config`). Parallel sizes come from parallel_state."""
@@ -140,20 +137,9 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype = torch.float32):
         moe_token_dispatcher_type="allgather",  # runs on CPU/gloo; alltoall needs CUDA streams
         moe_grouped_gemm=False,
         moe_permute_fusion=False,
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
         expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
-        use_cpu_initialization=True,
-        pipeline_dtype=dtype,
-        # The fused kernels these flags select need CUDA / apex / TE; the unfused paths compute the same.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        **_dtype_flags(dtype),
+        **runtime_config_kwargs(dtype),
     )
 
 
@@ -500,14 +486,6 @@ class ErnieVLMegatron(nn.Module):
         )
         return pos
 
-    @staticmethod
-    def attention_mask(seq_len: int, padding_mask: torch.Tensor | None, device) -> torch.Tensor:
-        """Boolean ``[B|1, 1, S, S]``, True = masked: causal, plus padded keys when given."""
-        mask = torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
-        if padding_mask is not None:
-            mask = mask | ~padding_mask.bool()[:, None, None, :]
-        return mask
-
     # ------------------------------------------------------------------ forward
 
     def forward(
@@ -548,7 +526,7 @@ class ErnieVLMegatron(nn.Module):
         position_ids = self.position_ids(
             input_ids, mm_token_type_ids, image_grid_thw if pixel_values is not None else None, attention_mask
         )
-        mask = self.attention_mask(input_ids.shape[1], attention_mask, input_ids.device)
+        mask = causal_mask(input_ids.shape[1], attention_mask, input_ids.device)
         self.modality.vision_mask = moe_mm_token_type_ids.bool().transpose(0, 1)  # [S, B]
         try:
             logits = self.language_model(

@@ -23,19 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptconv.errors import ConversionError
+from ckptconv.megatron.common import causal_mask, runtime_config_kwargs
 from ckptconv.spec import ModelSpec
 
 LANGUAGE_PREFIX = "language_model."
 VISION_PREFIX = "visual."
 
 
-def _dtype_flags(dtype: torch.dtype) -> dict:
-    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16, "params_dtype": dtype}
-
-
 def transformer_config(spec: ModelSpec, dtype: torch.dtype = torch.float32):
     """The TransformerConfig for the language model; TP size comes from parallel_state."""
-    from megatron.core import parallel_state
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
@@ -54,18 +50,7 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype = torch.float32):
         hidden_dropout=0.0,
         attention_dropout=0.0,
         mrope_section=list(spec.extra["mrope_section"]),
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        use_cpu_initialization=True,
-        pipeline_dtype=dtype,
-        # The fused kernels these flags select need CUDA / apex / TE; the unfused paths compute the same.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        **_dtype_flags(dtype),
+        **runtime_config_kwargs(dtype),
     )
 
 
@@ -176,14 +161,6 @@ class QwenVLMegatron(nn.Module):
         )
         return pos
 
-    @staticmethod
-    def attention_mask(seq_len: int, padding_mask: torch.Tensor | None, device) -> torch.Tensor:
-        """Boolean ``[B|1, 1, S, S]``, True = masked: causal, plus padded keys when given."""
-        mask = torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
-        if padding_mask is not None:
-            mask = mask | ~padding_mask.bool()[:, None, None, :]
-        return mask
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -209,7 +186,7 @@ class QwenVLMegatron(nn.Module):
             embeds[image_mask] = features
             embeds = embeds.transpose(0, 1).contiguous()
         position_ids = self.position_ids(input_ids, image_grid_thw if pixel_values is not None else None, attention_mask)
-        mask = self.attention_mask(input_ids.shape[1], attention_mask, device)
+        mask = causal_mask(input_ids.shape[1], attention_mask, device)
         logits = self.language_model(
             input_ids=None,
             position_ids=position_ids,

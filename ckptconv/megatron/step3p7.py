@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptconv.errors import ConversionError
+from ckptconv.megatron.common import causal_mask, runtime_config_kwargs
 from ckptconv.spec import ModelSpec
 
 LANGUAGE_PREFIX = "language_model."
@@ -163,10 +164,6 @@ def _gated_self_attention_class():
 
 
 # ============================================================================ configs and specs
-def _dtype_flags(dtype: torch.dtype) -> dict:
-    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16, "params_dtype": dtype}
-
-
 def _base_config_kwargs(spec: ModelSpec, dtype: torch.dtype) -> dict:
     from megatron.core import parallel_state
 
@@ -190,20 +187,9 @@ def _base_config_kwargs(spec: ModelSpec, dtype: torch.dtype) -> dict:
         attention_output_gate=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
-        use_cpu_initialization=True,
-        pipeline_dtype=dtype,
-        # The fused kernels these flags select need CUDA / apex / TE; the unfused paths compute the same.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
         heterogeneous_block_specs=True,
-        **_dtype_flags(dtype),
+        **runtime_config_kwargs(dtype),
     )
     if moe:
         kwargs.update(
@@ -547,8 +533,7 @@ class Step37Megatron(nn.Module):
             embeds = ImageInsertEmbedding.insert_features(
                 embeds, self.image_features(pixel_values), input_ids, image_start_token_id
             )
-        seq = input_ids.shape[1]
-        causal = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool, device=input_ids.device), diagonal=1)
+        causal = causal_mask(input_ids.shape[1], None, input_ids.device)
         logits = self.language_model(
             input_ids=None,
             position_ids=None,
