@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ckptconv.errors import ConversionError
+from ckptconv.pages import write_tensor_bytes
 
 TORCH_TO_SAFETENSORS = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -95,13 +96,12 @@ class ShardWriter:
                 f"{self.path.name}: expected {expected.name} {expected.dtype}{list(expected.shape)}, "
                 f"got {name} {tensor.dtype}{list(tensor.shape)}"
             )
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
-        self.bytes_written += data.nbytes
+        written = write_tensor_bytes(self._file, tensor.contiguous())
+        self.bytes_written += written
         self._next += 1
         if self.complete:
             self._file.close()
-        return data.nbytes
+        return written
 
     @property
     def complete(self) -> bool:

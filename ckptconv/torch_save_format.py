@@ -19,6 +19,8 @@ import struct
 
 import torch
 
+from ckptconv.pages import write_tensor_bytes
+
 ARCHIVE = "archive"
 ALIGNMENT = 64
 _ZIP32_LIMIT = 0xFFFFFFFF - (1 << 20)
@@ -97,8 +99,7 @@ def write_tensor(file, tensor, shape: tuple[int, ...] | None = None) -> None:
             if size != nbytes:
                 raise AssertionError(f"storage record of {size} bytes for a tensor of {nbytes}")
             for part in parts:
-                if part.nbytes:
-                    file.write(memoryview(part.reshape(-1).view(torch.uint8).numpy()))
+                write_tensor_bytes(file, part)
         else:
             file.write(payload)
         position += size
