@@ -20,7 +20,7 @@ demo: install
 	$(PY) scripts/demo.py $(DEMO)
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -p no:cacheprovider tests
 
 bench: install
 	$(PY) scripts/bench.py

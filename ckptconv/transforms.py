@@ -155,22 +155,7 @@ def _fuse_qkv():
         return [RowBlocks(blocks)]
 
     def forward(ts, ctx):
-        q, k, v = ts
-        heads, groups, d = _attention_geometry(ctx)
-        tail = tuple(q.shape[1:])
-        _expect_shape(q, (heads * d, *tail), "q", ctx)
-        _expect_shape(k, (groups * d, *tail), "k", ctx)
-        _expect_shape(v, (groups * d, *tail), "v", ctx)
-        per_group = heads // groups
-        fused = torch.cat(
-            [
-                q.reshape(groups, per_group * d, *tail),
-                k.reshape(groups, d, *tail),
-                v.reshape(groups, d, *tail),
-            ],
-            dim=1,
-        )
-        return [fused.reshape((heads + 2 * groups) * d, *tail)]
+        return [rows.materialize() for rows in forward_rows(ts, ctx)]
 
     def inverse(ts, ctx):
         (qkv,) = ts
@@ -195,19 +180,19 @@ def _fuse_gate_up():
     """gate, up -> linear_fc1 = cat(gate, up) along the output dim (Megatron's SwiGLU layout).
     Also works on expert stacks ``[E, F, H]`` when ``params.dim = 1``."""
 
-    def forward(ts, ctx):
+    def checked(ts, ctx):
         gate, up = ts
         if gate.shape != up.shape:
             raise ctx.fail(f"gate {list(gate.shape)} and up {list(up.shape)} differ in shape")
-        return [torch.cat([gate, up], dim=ctx.params.get("dim", 0))]
+        return gate, up
+
+    def forward(ts, ctx):
+        return [torch.cat(checked(ts, ctx), dim=ctx.params.get("dim", 0))]
 
     def forward_rows(ts, ctx):
         if ctx.params.get("dim", 0) != 0:  # stacked experts fuse along dim 1: not a row concatenation
             return forward(ts, ctx)
-        gate, up = ts
-        if gate.shape != up.shape:
-            raise ctx.fail(f"gate {list(gate.shape)} and up {list(up.shape)} differ in shape")
-        return [RowBlocks([gate, up])]
+        return [RowBlocks(list(checked(ts, ctx)))]
 
     def inverse(ts, ctx):
         (fc1,) = ts

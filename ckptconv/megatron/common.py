@@ -35,3 +35,14 @@ def causal_mask(seq_len: int, padding_mask: torch.Tensor | None, device) -> torc
     if padding_mask is not None:
         mask = mask | ~padding_mask.bool()[:, None, None, :]
     return mask
+
+
+def text_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """3D positions ``[3, B, S]`` without vision inputs, as HF computes them: plain positions
+    (counting only unpadded tokens), the same on all three axes."""
+    b, s = input_ids.shape
+    if attention_mask is not None:
+        pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    else:
+        pos = torch.arange(s, device=input_ids.device).expand(b, s)
+    return pos.unsqueeze(0).expand(3, b, s).contiguous()

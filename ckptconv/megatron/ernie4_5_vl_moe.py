@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptconv.errors import ConversionError
-from ckptconv.megatron.common import causal_mask, runtime_config_kwargs
+from ckptconv.megatron.common import causal_mask, runtime_config_kwargs, text_position_ids
 from ckptconv.spec import ModelSpec
 
 LANGUAGE_PREFIX = "language_model."
@@ -470,12 +470,7 @@ class ErnieVLMegatron(nn.Module):
     def position_ids(self, input_ids, mm_token_type_ids, image_grid_thw, attention_mask) -> torch.Tensor:
         """3D positions ``[3, B, S]`` (t, h, w), computed by HF's own get_rope_index."""
         if image_grid_thw is None:
-            b, s = input_ids.shape
-            if attention_mask is not None:
-                pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-            else:
-                pos = torch.arange(s, device=input_ids.device).expand(b, s)
-            return pos.unsqueeze(0).expand(3, b, s).contiguous()
+            return text_position_ids(input_ids, attention_mask)
         from transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe import Ernie4_5_VLMoeModel
 
         # get_rope_index reads only `config` and `get_vision_position_ids` (which ignores self).

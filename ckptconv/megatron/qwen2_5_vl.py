@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptconv.errors import ConversionError
-from ckptconv.megatron.common import causal_mask, runtime_config_kwargs
+from ckptconv.megatron.common import causal_mask, runtime_config_kwargs, text_position_ids
 from ckptconv.spec import ModelSpec
 
 LANGUAGE_PREFIX = "language_model."
@@ -139,13 +139,7 @@ class QwenVLMegatron(nn.Module):
     ) -> torch.Tensor:
         """3D M-RoPE positions ``[3, B, S]``, computed exactly as HF does."""
         if image_grid_thw is None:
-            # HF without vision inputs: plain positions, the same on all three axes.
-            b, s = input_ids.shape
-            if attention_mask is not None:
-                pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-            else:
-                pos = torch.arange(s, device=input_ids.device).expand(b, s)
-            return pos.unsqueeze(0).expand(3, b, s).contiguous()
+            return text_position_ids(input_ids, attention_mask)
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
         # get_rope_index only reads `config` and `get_vision_position_ids` (which ignores self), so it
