@@ -3,6 +3,44 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from ckptconv.errors import ConversionError
+
+
+def decoder_config_kwargs(spec) -> dict:
+    """TransformerConfig fields of a Llama-style decoder (RMSNorm, SwiGLU, GQA, no linear biases,
+    no dropout) read from the spec; families add or override what differs."""
+    return dict(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.head_dim,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+
+
+def check_model_parallel(model_name: str, spec, padded_vocab_size: int) -> None:
+    """What every verify model needs from parallel_state: one pipeline stage, and a padded
+    vocabulary that splits evenly over the TP ranks."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        raise ConversionError(f"the {model_name} Megatron model for verify supports pp=1 only")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if padded_vocab_size < spec.vocab_size or padded_vocab_size % tp:
+        raise ConversionError(
+            f"padded vocab size {padded_vocab_size} must be >= vocab_size {spec.vocab_size} and divisible by tp={tp}"
+        )
 
 
 def runtime_config_kwargs(dtype: torch.dtype) -> dict:

@@ -38,11 +38,16 @@ import logging
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ckptconv.errors import ConversionError
-from ckptconv.megatron.common import causal_mask, runtime_config_kwargs, text_position_ids
+from ckptconv.megatron.common import (
+    causal_mask,
+    check_model_parallel,
+    decoder_config_kwargs,
+    runtime_config_kwargs,
+    text_position_ids,
+)
 from ckptconv.spec import ModelSpec
 
 LANGUAGE_PREFIX = "language_model."
@@ -109,20 +114,7 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype = torch.float32):
     kinds = spec.layer_mlp_kinds
     moe_layer_freq = 1 if spec.stacked_layers else [1 if k == "moe" else 0 for k in kinds]
     return TransformerConfig(
-        num_layers=spec.num_layers,
-        hidden_size=spec.hidden_size,
-        num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_query_groups,
-        kv_channels=spec.head_dim,
-        ffn_hidden_size=spec.ffn_hidden_size,
-        normalization="RMSNorm",
-        layernorm_epsilon=spec.norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        **decoder_config_kwargs(spec),  # ERNIE has no qkv bias: spec.qkv_bias is False
         rotary_interleaved=True,
         mrope_section=list(spec.extra["mrope_section"]),
         # --- MoE (text pool) ---
@@ -368,15 +360,9 @@ class ErnieVLMegatron(nn.Module):
 
         if spec.family != "ernie4_5_vl_moe":
             raise ConversionError(f"ERNIE Megatron model given a {spec.family!r} spec")
-        if parallel_state.get_pipeline_model_parallel_world_size() != 1:
-            raise ConversionError("the ERNIE-4.5-VL Megatron model for verify supports pp=1 only")
+        check_model_parallel("ERNIE-4.5-VL", spec, padded_vocab_size)
         if parallel_state.get_context_parallel_world_size() != 1:
             raise ConversionError("the ERNIE-4.5-VL Megatron model does not support context parallelism")
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if padded_vocab_size < spec.vocab_size or padded_vocab_size % tp:
-            raise ConversionError(
-                f"padded vocab size {padded_vocab_size} must be >= vocab_size {spec.vocab_size} and divisible by tp={tp}"
-            )
         self.spec = spec
         self.padded_vocab_size = padded_vocab_size
         self.hf_config = hf_config(spec)

@@ -19,11 +19,16 @@ import functools
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ckptconv.errors import ConversionError
-from ckptconv.megatron.common import causal_mask, runtime_config_kwargs, text_position_ids
+from ckptconv.megatron.common import (
+    causal_mask,
+    check_model_parallel,
+    decoder_config_kwargs,
+    runtime_config_kwargs,
+    text_position_ids,
+)
 from ckptconv.spec import ModelSpec
 
 LANGUAGE_PREFIX = "language_model."
@@ -35,20 +40,7 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype = torch.float32):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
-        num_layers=spec.num_layers,
-        hidden_size=spec.hidden_size,
-        num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_query_groups,
-        kv_channels=spec.head_dim,
-        ffn_hidden_size=spec.ffn_hidden_size,
-        normalization="RMSNorm",
-        layernorm_epsilon=spec.norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=spec.qkv_bias,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        **decoder_config_kwargs(spec),
         mrope_section=list(spec.extra["mrope_section"]),
         **runtime_config_kwargs(dtype),
     )
@@ -66,18 +58,11 @@ class QwenVLMegatron(nn.Module):
 
     def __init__(self, spec: ModelSpec, *, padded_vocab_size: int, dtype: torch.dtype = torch.float32):
         super().__init__()
-        from megatron.core import parallel_state
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-        if parallel_state.get_pipeline_model_parallel_world_size() != 1:
-            raise ConversionError("the Qwen2.5-VL Megatron model for verify supports pp=1 only")
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if padded_vocab_size < spec.vocab_size or padded_vocab_size % tp:
-            raise ConversionError(
-                f"padded vocab size {padded_vocab_size} must be >= vocab_size {spec.vocab_size} and divisible by tp={tp}"
-            )
+        check_model_parallel("Qwen2.5-VL", spec, padded_vocab_size)
         if spec.image_token_id is None:
             raise ConversionError("config.json: image_token_id is missing")
         self.spec = spec

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptconv.errors import ConversionError
-from ckptconv.megatron.common import causal_mask, runtime_config_kwargs
+from ckptconv.megatron.common import causal_mask, check_model_parallel, decoder_config_kwargs, runtime_config_kwargs
 from ckptconv.spec import ModelSpec
 
 LANGUAGE_PREFIX = "language_model."
@@ -169,24 +169,11 @@ def _base_config_kwargs(spec: ModelSpec, dtype: torch.dtype) -> dict:
 
     moe = "moe" in spec.layer_mlp_kinds
     kwargs = dict(
-        num_layers=spec.num_layers,
-        hidden_size=spec.hidden_size,
-        num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_query_groups,
-        kv_channels=spec.head_dim,
-        ffn_hidden_size=spec.ffn_hidden_size,
-        normalization="RMSNorm",
-        layernorm_epsilon=spec.norm_eps,
+        **decoder_config_kwargs(spec),  # Step3.7 has no qkv bias: spec.qkv_bias is False
         layernorm_zero_centered_gamma=True,
         qk_layernorm=True,
         softmax_scale=spec.extra["softmax_scale"],
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
         attention_output_gate=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
         heterogeneous_block_specs=True,
         **runtime_config_kwargs(dtype),
@@ -447,16 +434,9 @@ class Step37Megatron(nn.Module):
 
     def __init__(self, spec: ModelSpec, *, padded_vocab_size: int, dtype: torch.dtype = torch.float32):
         super().__init__()
-        from megatron.core import parallel_state
         from megatron.core.models.gpt import GPTModel
 
-        if parallel_state.get_pipeline_model_parallel_world_size() != 1:
-            raise ConversionError("the Step3.7 Megatron model supports pp=1 only")
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if padded_vocab_size < spec.vocab_size or padded_vocab_size % tp:
-            raise ConversionError(
-                f"padded vocab size {padded_vocab_size} must be >= vocab_size {spec.vocab_size} and divisible by tp={tp}"
-            )
+        check_model_parallel("Step3.7", spec, padded_vocab_size)
         self.spec = spec
         self.padded_vocab_size = padded_vocab_size
         self.hf_config = hf_config(spec)
