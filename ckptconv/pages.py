@@ -1,20 +1,70 @@
-"""Write a tensor's bytes and let go of the mapped file pages behind them.
+"""Write a tensor's bytes without holding the file pages behind them.
 
-Source tensors are private mmaps of the checkpoint (no copy). Once their bytes are written, the
-pages they faulted in are still counted in this process's resident set until the tensor dies; for a
-multi-GB embedding that is the peak of the run. ``MADV_PAGEOUT`` drops clean file-backed pages from
-our page tables (they stay in the page cache, and are read back if touched again: no data is lost)
-and leaves anonymous memory alone when there is no swap, so it is safe on any tensor.
+Source tensors are private mmaps of the checkpoint (no copy). Two ways to write one out:
+
+- Bytes that are still exactly a range of a source file (a copied weight, a row block of a fused
+  QKV, the real rows of a padded vocabulary) are streamed file to file through a small reused buffer,
+  the way ``cat`` does: the mapping is never touched, so no page is faulted in.
+- Anything else (tensors a transform computed) is written from memory in windows; afterwards
+  ``MADV_PAGEOUT`` drops clean file-backed pages from our page tables (they stay in the page cache;
+  no data is lost) and leaves anonymous memory alone when there is no swap, so it is safe on any tensor.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+import os
+import threading
+import weakref
 
 import torch
 
 WINDOW = 64 * 1024 * 1024
+COPY_BUFFER = 128 * 1024
+"""Small enough to stay in the CPU cache between the read and the write (why ``cat`` is fast)."""
+
+_mappings: dict[int, tuple[int, int, int]] = {}
+"""mapping address -> (length, file descriptor, file offset of the mapping start)."""
+_mappings_lock = threading.Lock()
+_copy_buffer = threading.local()
+
+
+def register_mapping(region: mmap.mmap, address: int, fd: int, file_offset: int) -> None:
+    """Remember which file range ``region`` (mapped at ``address``) shows, until it is unmapped."""
+    with _mappings_lock:
+        _mappings[address] = (len(region), fd, file_offset)
+    weakref.finalize(region, _forget, address)
+
+
+def _forget(address: int) -> None:
+    with _mappings_lock:
+        _mappings.pop(address, None)
+
+
+def file_range(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(fd, offset) when the contiguous ``tensor`` lies in a registered mapping, else None."""
+    if not tensor.is_contiguous() or tensor.nbytes == 0:
+        return None
+    start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
+    with _mappings_lock:
+        for address, (length, fd, file_offset) in _mappings.items():
+            if address <= start and end <= address + length:
+                return fd, file_offset + (start - address)
+    return None
+
+
+def _copy_from_file(file, fd: int, offset: int, nbytes: int) -> None:
+    buffer = getattr(_copy_buffer, "view", None)
+    if buffer is None:
+        buffer = _copy_buffer.view = memoryview(bytearray(COPY_BUFFER))
+    done = 0
+    while done < nbytes:
+        got = os.preadv(fd, [buffer[: min(COPY_BUFFER, nbytes - done)]], offset + done)
+        if got <= 0:
+            raise OSError(f"short read at byte {offset + done} of a source file")
+        file.write(buffer[:got])
+        done += got
 _MADV_PAGEOUT = 21  # Linux >= 5.4
 
 try:
@@ -36,9 +86,14 @@ def release(address: int, length: int) -> None:
 
 
 def write_tensor_bytes(file, tensor: torch.Tensor) -> int:
-    """Write a contiguous tensor's bytes in windows, paging each window out once written."""
+    """Write a contiguous tensor's bytes: straight from its source file when it is an unchanged
+    range of one, else from memory in windows, paging each window out once written."""
     if tensor.nbytes == 0:
         return 0
+    source = file_range(tensor)
+    if source is not None:
+        _copy_from_file(file, *source, tensor.nbytes)
+        return tensor.nbytes
     data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
     address = tensor.data_ptr()
     for start in range(0, len(data), WINDOW):

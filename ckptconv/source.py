@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from ckptconv.errors import ConversionError
+from ckptconv.pages import register_mapping
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -72,6 +73,8 @@ class HFCheckpoint:
         region = mmap.mmap(handle.fileno(), info.offset + info.nbytes - start, flags=mmap.MAP_PRIVATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
         raw = torch.frombuffer(region, dtype=torch.uint8, count=info.nbytes, offset=info.offset - start)
+        # Writers stream bytes that are still this file range from the file itself (pages.py).
+        register_mapping(region, raw.data_ptr() - (info.offset - start), handle.fileno(), start)
         return raw.view(info.torch_dtype).reshape(info.shape)
 
     def sidecar_files(self) -> list[Path]:
