@@ -163,7 +163,7 @@ def convert_item(plan: Plan, item: PlanItem, source: HFCheckpoint, writer: DistC
     bytes_read = sum(t.nbytes for t in inputs)
     transform = get_transform(item.rule.transform)
     outputs = (transform.forward_rows or transform.forward)(inputs, _context(plan, item))
-    del inputs  # fused outputs are new tensors; the inputs' mapped pages can go
+    del inputs  # outputs may be views of the inputs: each mapping then goes with its last view
     tp = plan.layout.etp if item.rule.expert_parallel else plan.layout.tp
     for target, tensor in zip(item.targets, outputs):
         if dtype is not None and tensor.is_floating_point() and not item.rule.keep_dtype:
