@@ -270,17 +270,20 @@ def _unstack():
 def _fuse_gate_up_split_experts():
     """Stacked gate ``[E, F, H]`` and up ``[E, F, H]`` -> per expert linear_fc1 ``[2F, H]``."""
 
-    def forward(ts, ctx):
+    def forward_rows(ts, ctx):
         gate, up = ts
         if gate.shape != up.shape or gate.ndim != 3:
             raise ctx.fail(f"expected stacked gate/up [E, F, H] of equal shape, got {list(gate.shape)} and {list(up.shape)}")
-        return [torch.cat([g, u], dim=0) for g, u in zip(gate.unbind(0), up.unbind(0))]
+        return [RowBlocks([g, u]) for g, u in zip(gate.unbind(0), up.unbind(0))]
+
+    def forward(ts, ctx):
+        return [rows.materialize() for rows in forward_rows(ts, ctx)]
 
     def inverse(ts, ctx):
         pairs = [torch.chunk(fc1, 2, dim=0) for fc1 in ts]
         return [torch.stack([g for g, _ in pairs]), torch.stack([u for _, u in pairs])]
 
-    return forward, inverse
+    return forward, inverse, forward_rows
 
 
 # ----------------------------------------------------------------------------------------------

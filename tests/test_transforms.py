@@ -125,11 +125,13 @@ def test_streaming_forms_equal_the_eager_forward():
     """Transforms with a row-block (streaming) forward give the same tensor as their forward."""
     from ckptconv.transforms import TRANSFORMS
 
-    streaming = {name: t for name, t in TRANSFORMS.items() if t.forward_rows is not None}
-    assert "pad_vocab" in streaming
+    streaming = {name: t for name, t in TRANSFORMS.items()
+                 if t.forward_rows is not None and t.forward.__module__ == "ckptconv.transforms"}
+    assert {"pad_vocab", "fuse_qkv", "fuse_gate_up", "fuse_gate_up_split_experts"} <= set(streaming)
     c = ctx(padded_vocab_size=16)
     for name, transform in streaming.items():
         xs = EXAMPLE_INPUTS[name]
         eager = transform.forward(xs, c)
         rows = transform.forward_rows(xs, c)
-        assert all(torch.equal(r.materialize(), e) for r, e in zip(rows, eager))
+        assert len(rows) == len(eager)
+        assert all(torch.equal(r.materialize() if hasattr(r, "materialize") else r, e) for r, e in zip(rows, eager))

@@ -23,7 +23,7 @@ import torch
 
 from ckptconv.errors import ConversionError
 from ckptconv.spec import ModelSpec
-from ckptconv.transforms import TransformContext, _attention_geometry, _expect_shape, register
+from ckptconv.transforms import RowBlocks, TransformContext, _attention_geometry, _expect_shape, register
 
 FAMILY = "step3p7"
 WHERE = "config.json (step3p7)"
@@ -197,7 +197,7 @@ def _fuse_qkv_gate():
     gates. Head geometry is per layer (``spec.extra["per_layer_attention"]``).
     """
 
-    def forward(ts, ctx: TransformContext):
+    def forward_rows(ts, ctx: TransformContext):
         q, k, v, g = ts
         heads, groups, d = _attention_geometry(ctx)
         tail = tuple(q.shape[1:])
@@ -206,16 +206,18 @@ def _fuse_qkv_gate():
         _expect_shape(v, (groups * d, *tail), "v_proj", ctx)
         _expect_shape(g, (heads, *tail), "g_proj", ctx)
         per_group = heads // groups
-        fused = torch.cat(
-            [
-                q.reshape(groups, per_group * d, *tail),
-                g.reshape(groups, per_group, *tail),
-                k.reshape(groups, d, *tail),
-                v.reshape(groups, d, *tail),
-            ],
-            dim=1,
-        )
-        return [fused.reshape(groups * (per_group * (d + 1) + 2 * d), *tail)]
+        blocks = []
+        for i in range(groups):  # row slices: the writer streams them without a concatenated copy
+            blocks += [
+                q[i * per_group * d:(i + 1) * per_group * d],
+                g[i * per_group:(i + 1) * per_group],
+                k[i * d:(i + 1) * d],
+                v[i * d:(i + 1) * d],
+            ]
+        return [RowBlocks(blocks)]
+
+    def forward(ts, ctx: TransformContext):
+        return [rows.materialize() for rows in forward_rows(ts, ctx)]
 
     def inverse(ts, ctx: TransformContext):
         (qkvg,) = ts
@@ -232,4 +234,4 @@ def _fuse_qkv_gate():
             g.reshape(heads, *tail).contiguous(),
         ]
 
-    return forward, inverse
+    return forward, inverse, forward_rows
