@@ -129,7 +129,9 @@ def plan_hf_tensors(plan: Plan, reader: DistCheckpointReader, manifest: dict | N
             torch.empty(reader.shape(t.key)[len(t.axis_sizes):], dtype=reader.dtype(t.key), device="meta")
             for t in item.targets
         ]
-        outputs = get_transform(item.rule.transform).inverse(metas, _context(plan, item))
+        transform = get_transform(item.rule.transform)
+        # The streaming form where there is one (no meta-tensor concatenation, see hf_to_mcore).
+        outputs = (transform.inverse_rows or transform.inverse)(metas, _context(plan, item))
         if len(outputs) != len(item.hf_names):
             raise ConversionError(f"{item.label}: inverse made {len(outputs)} tensors for {len(item.hf_names)} names")
         for name, meta in zip(item.hf_names, outputs):
@@ -205,7 +207,8 @@ def _write_shards(staging: Path, shards: list[Shard], plan: Plan, reader: DistCh
             inputs = [reader.read(t.key, t.axis_index) for t in item.targets]
             summary.tensors_read += len(inputs)
             summary.bytes_read += sum(t.nbytes for t in inputs)
-            outputs = get_transform(item.rule.transform).inverse(inputs, _context(plan, item))
+            transform = get_transform(item.rule.transform)
+            outputs = (transform.inverse_rows or transform.inverse)(inputs, _context(plan, item))
             for name, tensor in zip(item.hf_names, outputs):
                 shard = wanted.get(name)
                 if shard is None:

@@ -85,8 +85,9 @@ class ShardWriter:
         self._next = 0
         self.bytes_written = 0
 
-    def write_next(self, name: str, tensor: torch.Tensor) -> int:
-        """Append the next planned tensor, cast to its planned dtype; returns bytes written."""
+    def write_next(self, name: str, tensor) -> int:
+        """Append the next planned tensor (a tensor or row blocks), cast to its planned dtype;
+        returns bytes written."""
         if self._next >= len(self.shard.tensors):
             raise ConversionError(f"{self.path.name}: unexpected extra tensor {name}")
         expected = self.shard.tensors[self._next]
@@ -96,7 +97,8 @@ class ShardWriter:
                 f"{self.path.name}: expected {expected.name} {expected.dtype}{list(expected.shape)}, "
                 f"got {name} {tensor.dtype}{list(tensor.shape)}"
             )
-        written = write_tensor_bytes(self._file, tensor.contiguous())
+        parts = tensor.parts if hasattr(tensor, "parts") else [tensor]
+        written = sum(write_tensor_bytes(self._file, part.contiguous()) for part in parts)
         self.bytes_written += written
         self._next += 1
         if self.complete:

@@ -47,6 +47,8 @@ class Transform:
     forward_rows: Callable[[Tensors, TransformContext], list["RowBlocks"]] | None = None
     """Optional streaming form of ``forward``: the same result as row blocks, not copied into
     one tensor; the writer writes the blocks back to back (see :class:`RowBlocks`)."""
+    inverse_rows: Callable[[Tensors, TransformContext], list["RowBlocks"]] | None = None
+    """Optional streaming form of ``inverse`` (export), likewise."""
 
 
 class RowBlocks:
@@ -57,13 +59,18 @@ class RowBlocks:
     for the embedding of a large vocabulary that copy would be the peak of the whole conversion.
     """
 
-    def __init__(self, parts: Tensors):
-        self.parts = [p for p in parts if p.shape[0]] or parts[:1]
+    def __init__(self, parts: Tensors, shape: tuple[int, ...] | None = None):
+        """``shape``: the shape the concatenation is viewed as (e.g. ``[E, F, H]`` for E stacked
+        ``[F, H]`` experts); default ``[sum of rows, *trailing]``."""
+        self.parts = [p for p in parts if p.ndim == 0 or p.shape[0]] or parts[:1]
         first = self.parts[0]
         self.dtype = first.dtype
-        self.shape = torch.Size((sum(p.shape[0] for p in self.parts), *first.shape[1:]))
+        rows = torch.Size((sum(p.shape[0] if p.ndim else 1 for p in self.parts), *first.shape[1:]))
+        self.shape = torch.Size(shape) if shape is not None else rows
         if any(p.shape[1:] != first.shape[1:] or p.dtype != first.dtype for p in self.parts):
             raise ValueError("row blocks must agree in trailing shape and dtype")
+        if self.shape.numel() != rows.numel():
+            raise ValueError(f"row blocks of {rows.numel()} elements cannot be viewed as {list(self.shape)}")
 
     @property
     def nbytes(self) -> int:
@@ -73,7 +80,7 @@ class RowBlocks:
         return self.dtype.is_floating_point
 
     def to(self, dtype: torch.dtype) -> "RowBlocks":
-        return RowBlocks([p.to(dtype) for p in self.parts])
+        return RowBlocks([p.to(dtype) for p in self.parts], self.shape)
 
     def narrow_rows(self, start: int, length: int) -> "RowBlocks":
         out, row = [], 0
@@ -85,14 +92,15 @@ class RowBlocks:
         return RowBlocks(out)
 
     def materialize(self) -> torch.Tensor:
-        return torch.cat(self.parts, dim=0) if len(self.parts) > 1 else self.parts[0]
+        whole = torch.cat([p.reshape(-1, *p.shape[1:]) for p in self.parts], dim=0) if len(self.parts) > 1 else self.parts[0]
+        return whole.reshape(self.shape)
 
 
 TRANSFORMS: dict[str, Transform] = {}
 
 
 def register(name: str, arity: tuple[int | None, int | None]):
-    """Decorator for a ``(forward, inverse)`` (or ``(forward, inverse, forward_rows)``) factory:
+    """Decorator for a ``(forward, inverse[, forward_rows[, inverse_rows]])`` factory:
     ``@register("x", (1, 1))``."""
 
     def wrap(factory: Callable[[], tuple]):
@@ -260,10 +268,13 @@ def _unstack():
         (t,) = ts
         return [row.contiguous() for row in t.unbind(0)]
 
+    def inverse_rows(ts, ctx):
+        return [RowBlocks([t.reshape(1, *t.shape) for t in ts], (len(ts), *ts[0].shape))]
+
     def inverse(ts, ctx):
         return [torch.stack(ts, dim=0)]
 
-    return forward, inverse
+    return forward, inverse, None, inverse_rows
 
 
 @register("fuse_gate_up_split_experts", (2, None))
@@ -279,11 +290,15 @@ def _fuse_gate_up_split_experts():
     def forward(ts, ctx):
         return [rows.materialize() for rows in forward_rows(ts, ctx)]
 
-    def inverse(ts, ctx):
+    def inverse_rows(ts, ctx):
         pairs = [torch.chunk(fc1, 2, dim=0) for fc1 in ts]
-        return [torch.stack([g for g, _ in pairs]), torch.stack([u for _, u in pairs])]
+        stacked = (len(pairs), *pairs[0][0].shape)
+        return [RowBlocks([g for g, _ in pairs], stacked), RowBlocks([u for _, u in pairs], stacked)]
 
-    return forward, inverse, forward_rows
+    def inverse(ts, ctx):
+        return [rows.materialize() for rows in inverse_rows(ts, ctx)]
+
+    return forward, inverse, forward_rows, inverse_rows
 
 
 # ----------------------------------------------------------------------------------------------
