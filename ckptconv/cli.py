@@ -72,7 +72,7 @@ def hf_to_mcore(
     src: str = typer.Argument(..., help="HF model: a local directory, or a hub repo id (org/name) resolved through the huggingface_hub cache."),
     out: Path = typer.Argument(..., help="Output directory (Megatron-LM layout: latest_checkpointed_iteration.txt + release/). Must not exist unless --force."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel size the checkpoint is laid out for; must divide attention heads, KV groups and FFN width."),
-    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size; must divide the number of layers. Under torchrun, ranks share the work by stage."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size; must divide the number of layers (keys are the same for any PP: global layer numbers)."),
     ep: int = typer.Option(1, "--ep", help="Expert-parallel size; must divide the number of experts in every pool."),
     etp: int = typer.Option(1, "--etp", help="Expert tensor-parallel size (Megatron's expert_tensor_parallel_size)."),
     dtype: DType = typer.Option(DType.auto, "--dtype", help="Parameter dtype in the checkpoint; auto keeps each tensor's source dtype (needed for a bit-exact round trip)."),

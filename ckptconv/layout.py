@@ -56,12 +56,6 @@ class ParallelLayout:
         multiple = self.make_vocab_size_divisible_by * self.tp
         return -(-vocab_size // multiple) * multiple
 
-    def pp_rank_of_layer(self, layer: int, num_layers: int) -> int:
-        return layer // (num_layers // self.pp)
-
-    def ep_rank_of_expert(self, expert: int, num_experts: int) -> int:
-        return expert // (num_experts // self.ep)
-
 
 def split_ranges(size: int, parts: int, where: str) -> list[tuple[int, int]]:
     if size % parts:

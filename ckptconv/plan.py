@@ -52,8 +52,6 @@ class PlanItem:
     indices: dict
     hf_names: tuple[str, ...]
     targets: tuple[McoreTarget, ...]
-    owner_rank: int = 0
-    """Which rank writes this item when the work is shared over ranks (PP stage / EP rank)."""
 
     @property
     def label(self) -> str:
@@ -168,10 +166,7 @@ def build_plan(spec: ModelSpec, table: MappingTable, layout: ParallelLayout) -> 
                 _fill(p, v) for p, v in zip(rule.hf, hf_values))
             targets = tuple(_target(p, v, spec, rule) for v in mcore_values for p in rule.mcore) if mcore_inner else tuple(
                 _target(p, v, spec, rule) for p, v in zip(rule.mcore, mcore_values))
-            owner = 0
-            if "layer" in values:
-                owner = layout.pp_rank_of_layer(values["layer"], spec.num_layers)
-            plan.items.append(PlanItem(rule=rule, indices=values, hf_names=hf_names, targets=targets, owner_rank=owner))
+            plan.items.append(PlanItem(rule=rule, indices=values, hf_names=hf_names, targets=targets))
     _check_unique(plan)
     return plan
 

@@ -84,9 +84,6 @@ class HFCheckpoint:
             if p.is_file() and _SIDECAR.match(p.name) and p.name != INDEX_NAME and not p.name.endswith(".py")
         )
 
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()

@@ -136,22 +136,21 @@ def _mapped_key_missing(model, tmp):
     return model, "1 tensor(s) the qwen2_5_vl table needs are missing: model.layers.1.mlp.up_proj.weight"
 
 
-def _index_path_escapes(model, tmp):
+def _index_pointing_at(model, shard_path: str):
+    """A sharded checkpoint whose index sends its first tensor to ``shard_path``."""
     shard_into_index(model)
     index = json.loads((model / "model.safetensors.index.json").read_text())
-    first = next(iter(index["weight_map"]))
-    index["weight_map"][first] = "../outside.safetensors"
+    index["weight_map"][next(iter(index["weight_map"]))] = shard_path
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
-    return model, "refusing shard path '../outside.safetensors' outside the model directory"
+    return model, f"refusing shard path {shard_path!r} outside the model directory"
+
+
+def _index_path_escapes(model, tmp):
+    return _index_pointing_at(model, "../outside.safetensors")
 
 
 def _index_absolute_path(model, tmp):
-    shard_into_index(model)
-    index = json.loads((model / "model.safetensors.index.json").read_text())
-    first = next(iter(index["weight_map"]))
-    index["weight_map"][first] = "/etc/passwd"
-    (model / "model.safetensors.index.json").write_text(json.dumps(index))
-    return model, "refusing shard path '/etc/passwd' outside the model directory"
+    return _index_pointing_at(model, "/etc/passwd")
 
 
 def _pickle_weights_only(model, tmp):

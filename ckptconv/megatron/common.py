@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import types
+
 import torch
 import torch.nn.functional as F
 
@@ -84,3 +87,14 @@ def text_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     else:
         pos = torch.arange(s, device=input_ids.device).expand(b, s)
     return pos.unsqueeze(0).expand(3, b, s).contiguous()
+
+
+def hf_rope_index(hf_model_class, hf_config, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """3D positions ``[3, B, S]`` from the HF model class's own ``get_rope_index``.
+
+    It reads only ``config`` and ``get_vision_position_ids`` (which ignores self), so it runs on a
+    stand-in object instead of a whole HF model."""
+    host = types.SimpleNamespace(config=hf_config)
+    host.get_vision_position_ids = functools.partial(hf_model_class.get_vision_position_ids, host)
+    positions, _ = hf_model_class.get_rope_index(host, input_ids, **kwargs)
+    return positions

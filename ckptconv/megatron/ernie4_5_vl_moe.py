@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import types
 
 import torch
 from torch import nn
@@ -45,6 +44,7 @@ from ckptconv.megatron.common import (
     causal_mask,
     check_model_parallel,
     decoder_config_kwargs,
+    hf_rope_index,
     runtime_config_kwargs,
     text_position_ids,
 )
@@ -459,13 +459,10 @@ class ErnieVLMegatron(nn.Module):
             return text_position_ids(input_ids, attention_mask)
         from transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe import Ernie4_5_VLMoeModel
 
-        # get_rope_index reads only `config` and `get_vision_position_ids` (which ignores self).
-        host = types.SimpleNamespace(config=self.hf_config)
-        host.get_vision_position_ids = functools.partial(Ernie4_5_VLMoeModel.get_vision_position_ids, host)
-        pos, _ = Ernie4_5_VLMoeModel.get_rope_index(
-            host, input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+        return hf_rope_index(
+            Ernie4_5_VLMoeModel, self.hf_config, input_ids,
+            mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask,
         )
-        return pos
 
     # ------------------------------------------------------------------ forward
 

@@ -15,8 +15,6 @@ the decoder with an explicit causal mask, gather logits over TP and drop the voc
 
 from __future__ import annotations
 
-import functools
-import types
 
 import torch
 from torch import nn
@@ -26,6 +24,7 @@ from ckptconv.megatron.common import (
     causal_mask,
     check_model_parallel,
     decoder_config_kwargs,
+    hf_rope_index,
     runtime_config_kwargs,
     text_position_ids,
 )
@@ -127,18 +126,14 @@ class QwenVLMegatron(nn.Module):
             return text_position_ids(input_ids, attention_mask)
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
-        # get_rope_index only reads `config` and `get_vision_position_ids` (which ignores self), so it
-        # runs on a stand-in object instead of a whole HF model.
-        host = types.SimpleNamespace(config=self.hf_config)
-        host.get_vision_position_ids = functools.partial(Qwen2_5_VLModel.get_vision_position_ids, host)
-        pos, _ = Qwen2_5_VLModel.get_rope_index(
-            host,
+        return hf_rope_index(
+            Qwen2_5_VLModel,
+            self.hf_config,
             input_ids,
             mm_token_type_ids=self.mm_token_type_ids(input_ids),
             image_grid_thw=image_grid_thw,
             attention_mask=attention_mask,
         )
-        return pos
 
     def forward(
         self,
