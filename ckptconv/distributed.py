@@ -4,47 +4,61 @@ not GPU work). Without torchrun everything here degrades to the single-process c
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable, TypeVar
-
-import torch.distributed as dist
 
 from ckptconv.errors import ConversionError
 
 T = TypeVar("T")
 
 
+def _dist():
+    """torch.distributed when this process can be in a group: under torchrun (WORLD_SIZE > 1) or
+    when something (a test, verify) has imported it already. A lone conversion never imports it:
+    that import alone takes longer than converting a small model."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        return dist if dist.is_available() else None
+    return None
+
+
 def init_from_env() -> None:
     """Join the process group torchrun describes (WORLD_SIZE > 1); otherwise do nothing."""
-    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    dist = _dist()
+    if dist is not None and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
 
 
 def shutdown() -> None:
     """Leave the process group cleanly: a gloo group left to process exit can abort the process
     ("terminate called without an active exception") after the work is done."""
-    if dist.is_available() and dist.is_initialized():
+    dist = _dist()
+    if dist is not None and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    dist = _dist()
+    return dist is not None and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank_and_world() -> tuple[int, int]:
     if active():
-        return dist.get_rank(), dist.get_world_size()
+        return _dist().get_rank(), _dist().get_world_size()
     return 0, 1
 
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        _dist().barrier()
 
 
 def all_gather(obj) -> list:
     if not active():
         return [obj]
+    dist = _dist()
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
@@ -53,6 +67,7 @@ def all_gather(obj) -> list:
 def gather_to_rank0(obj) -> list | None:
     if not active():
         return [obj]
+    dist = _dist()
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, gathered, dst=0)
     return gathered

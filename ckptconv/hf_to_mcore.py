@@ -10,9 +10,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ckptconv import distributed
+from ckptconv.array import BF16, F16, F32, Array
 from ckptconv.errors import ConversionError
 from ckptconv.families import normalize_config
 from ckptconv.layout import ParallelLayout, tp_chunks
@@ -25,7 +24,7 @@ from ckptconv.source import HFCheckpoint, open_hf_checkpoint
 from ckptconv.torch_dist import EXTRA_STATE_BYTES_OBJECT, DistCheckpointWriter, LocalIndex, write_metadata
 from ckptconv.transforms import RowBlocks, TransformContext, get as get_transform
 
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"auto": None, "bf16": BF16, "fp16": F16, "fp32": F32}
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def check_shapes(plan: Plan, source: HFCheckpoint) -> None:
     for item in plan.items:
         infos = [source.tensors[name] for name in item.hf_names]
         for info in infos:
-            if not info.torch_dtype.is_floating_point:
+            if not info.array_dtype.is_floating_point:
                 raise ConversionError(f"{source.root / info.file}: tensor {info.name} has non-float dtype {info.dtype}")
         if item.rule.shape is not None:
             expected = tuple(_dim(plan.spec, d) for d in item.rule.shape)
@@ -97,9 +96,7 @@ def check_shapes(plan: Plan, source: HFCheckpoint) -> None:
                         f"{source.root / info.file}: tensor {info.name} has shape {list(info.shape)}, "
                         f"expected {list(expected)} from the config"
                     )
-        metas = [torch.empty(info.shape, dtype=info.torch_dtype, device="meta") for info in infos]
-        # The streaming form where there is one: it only slices, and a meta-tensor concatenation
-        # would import torch._dynamo (half a second) just to learn a shape.
+        metas = [Array.empty_meta(info.shape, info.array_dtype) for info in infos]
         transform = get_transform(item.rule.transform)
         outputs = (transform.forward_rows or transform.forward)(metas, _context(plan, item))
         if len(outputs) != len(item.targets):
@@ -280,17 +277,20 @@ def _check_everything_written(plan: Plan, parts: list[LocalIndex]) -> None:
         raise ConversionError(f"coverage proof failed: missing {_names(missing)}; unexpected {_names(extra)}")
 
 
-def global_tensors_in_memory(src: str, layout: ParallelLayout | None = None) -> dict[str, torch.Tensor]:
+def global_tensors_in_memory(src: str, layout: ParallelLayout | None = None) -> dict:
     """Every Megatron tensor the plan would write, as whole global tensors in memory.
 
     For tests and small models only (this is exactly what streaming avoids): it lets a test check a
     Megatron model loaded from a written checkpoint against the HF source, key by key.
     """
+    import torch
+
     planned = prepare(src, layout or ParallelLayout())
     plan, source = planned.plan, planned.source
     out: dict[str, torch.Tensor] = {}
     for item in plan.items:
-        outputs = get_transform(item.rule.transform).forward([source.read(n) for n in item.hf_names], _context(plan, item))
+        inputs = [source.read(n).to_torch() for n in item.hf_names]
+        outputs = get_transform(item.rule.transform).forward(inputs, _context(plan, item))
         for target, tensor in zip(item.targets, outputs):
             if target.key not in out:
                 out[target.key] = torch.zeros((*target.axis_sizes, *tensor.shape), dtype=tensor.dtype)

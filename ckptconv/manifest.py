@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import xxhash
 
 import ckptconv
@@ -30,7 +29,7 @@ def versions() -> dict:
 
     return {
         "ckptconv": ckptconv.__version__,
-        "torch": torch.__version__,
+        "torch": of("torch"),
         "megatron_core": of("megatron-core"),
         "transformers": of("transformers"),
         "safetensors": of("safetensors"),

@@ -10,9 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
 from ckptconv import distributed
+from ckptconv.array import BF16, BY_SAFETENSORS, F16, F32, Array, DType
 from ckptconv.errors import ConversionError
 from ckptconv.families import normalize_config
 from ckptconv.layout import ParallelLayout
@@ -22,12 +21,12 @@ from ckptconv.outdir import staged_output
 from ckptconv.plan import Plan, PlanItem, build_plan
 from ckptconv.report import Summary, make_progress
 from ckptconv.safetensors_writer import PlannedTensor, Shard, ShardWriter, plan_shards, write_index
-from ckptconv.source import SAFETENSORS_DTYPES, read_config, resolve_source
+from ckptconv.source import read_config, resolve_source
 from ckptconv.torch_dist import DistCheckpointReader
 from ckptconv.transforms import TransformContext, get as get_transform
 
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-_CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_CONFIG_DTYPES = {"bfloat16": BF16, "float16": F16, "float32": F32}
 
 
 def parse_size(text: str) -> int:
@@ -114,9 +113,9 @@ def _context(plan: Plan, item: PlanItem) -> TransformContext:
     )
 
 
-def _output_dtype(name: str, produced: torch.dtype, manifest: dict | None, config: dict) -> torch.dtype:
+def _output_dtype(name: str, produced: DType, manifest: dict | None, config: dict) -> DType:
     if manifest and name in manifest.get("hf_tensors", {}):
-        return SAFETENSORS_DTYPES[manifest["hf_tensors"][name]["dtype"]]
+        return BY_SAFETENSORS[manifest["hf_tensors"][name]["dtype"]]
     configured = config.get("dtype") or config.get("torch_dtype")
     return _CONFIG_DTYPES.get(configured, produced)
 
@@ -125,10 +124,7 @@ def plan_hf_tensors(plan: Plan, reader: DistCheckpointReader, manifest: dict | N
     """Name, dtype and shape of every HF tensor, in plan order, without reading any data."""
     planned: list[PlannedTensor] = []
     for item in plan.items:
-        metas = [
-            torch.empty(reader.shape(t.key)[len(t.axis_sizes):], dtype=reader.dtype(t.key), device="meta")
-            for t in item.targets
-        ]
+        metas = [Array.empty_meta(reader.shape(t.key)[len(t.axis_sizes):], reader.dtype(t.key)) for t in item.targets]
         transform = get_transform(item.rule.transform)
         # The streaming form where there is one (no meta-tensor concatenation, see hf_to_mcore).
         outputs = (transform.inverse_rows or transform.inverse)(metas, _context(plan, item))

@@ -18,7 +18,7 @@ import os
 import threading
 import weakref
 
-import torch
+from ckptconv.array import Array, as_array
 
 WINDOW = 64 * 1024 * 1024
 COPY_BUFFER = 128 * 1024
@@ -42,7 +42,7 @@ def _forget(address: int) -> None:
         _mappings.pop(address, None)
 
 
-def file_range(tensor: torch.Tensor) -> tuple[int, int] | None:
+def file_range(tensor: Array) -> tuple[int, int] | None:
     """(fd, offset) when the contiguous ``tensor`` lies in a registered mapping, else None."""
     if not tensor.is_contiguous() or tensor.nbytes == 0:
         return None
@@ -85,16 +85,17 @@ def release(address: int, length: int) -> None:
         _madvise(start, end - start, _MADV_PAGEOUT)
 
 
-def write_tensor_bytes(file, tensor: torch.Tensor) -> int:
-    """Write a contiguous tensor's bytes: straight from its source file when it is an unchanged
-    range of one, else from memory in windows, paging each window out once written."""
+def write_tensor_bytes(file, tensor) -> int:
+    """Write a contiguous tensor's (Array's) bytes: straight from its source file when it is an
+    unchanged range of one, else from memory in windows, paging each window out once written."""
+    tensor = as_array(tensor)
     if tensor.nbytes == 0:
         return 0
     source = file_range(tensor)
     if source is not None:
         _copy_from_file(file, *source, tensor.nbytes)
         return tensor.nbytes
-    data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    data = tensor.bytes_view()
     address = tensor.data_ptr()
     for start in range(0, len(data), WINDOW):
         window = data[start:start + WINDOW]

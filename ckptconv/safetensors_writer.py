@@ -11,22 +11,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from ckptconv.array import DType, dtype_of
 from ckptconv.errors import ConversionError
 from ckptconv.pages import write_tensor_bytes
-
-TORCH_TO_SAFETENSORS = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
 
 
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
 
     @property
@@ -67,7 +60,7 @@ def _header(shard: Shard) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in shard.tensors:
-        header[t.name] = {"dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {"dtype": t.dtype.safetensors, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
@@ -92,7 +85,7 @@ class ShardWriter:
             raise ConversionError(f"{self.path.name}: unexpected extra tensor {name}")
         expected = self.shard.tensors[self._next]
         tensor = tensor.to(expected.dtype)
-        if name != expected.name or tensor.dtype != expected.dtype or tuple(tensor.shape) != expected.shape:
+        if name != expected.name or dtype_of(tensor.dtype) != expected.dtype or tuple(tensor.shape) != expected.shape:
             raise ConversionError(
                 f"{self.path.name}: expected {expected.name} {expected.dtype}{list(expected.shape)}, "
                 f"got {name} {tensor.dtype}{list(tensor.shape)}"

@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from ckptconv.array import BY_SAFETENSORS, Array, DType
 from ckptconv.errors import ConversionError
 from ckptconv.pages import register_mapping
 
@@ -29,11 +29,6 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 # Files that travel with the weights: configs, tokenizer, processor, chat template.
 _SIDECAR = re.compile(r".*\.(json|txt|model|jinja|tiktoken|py)$|^tokenizer.*")
 
@@ -50,8 +45,8 @@ class TensorInfo:
     """Where the tensor's bytes start in the file."""
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self.dtype]
+    def array_dtype(self) -> DType:
+        return BY_SAFETENSORS[self.dtype]
 
 
 @dataclass
@@ -61,21 +56,22 @@ class HFCheckpoint:
     tensors: dict[str, TensorInfo]
     _handles: dict = field(default_factory=dict, repr=False)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str) -> Array:
         info = self.tensors[name]
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = open(self.root / info.file, "rb", buffering=0)
         if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.torch_dtype)
+            return Array.zeros(info.shape, info.array_dtype)
         start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
-        # MAP_PRIVATE + PROT_WRITE: a writable tensor (torch wants one) whose writes never reach the file.
+        # MAP_PRIVATE + PROT_WRITE: a writable array (torch wants one when a cast needs it) whose
+        # writes never reach the file.
         region = mmap.mmap(handle.fileno(), info.offset + info.nbytes - start, flags=mmap.MAP_PRIVATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        raw = torch.frombuffer(region, dtype=torch.uint8, count=info.nbytes, offset=info.offset - start)
+        tensor = Array.frombuffer(region, info.array_dtype, info.shape, offset=info.offset - start)
         # Writers stream bytes that are still this file range from the file itself (pages.py).
-        register_mapping(region, raw.data_ptr() - (info.offset - start), handle.fileno(), start)
-        return raw.view(info.torch_dtype).reshape(info.shape)
+        register_mapping(region, tensor.data_ptr() - (info.offset - start), handle.fileno(), start)
+        return tensor
 
     def sidecar_files(self) -> list[Path]:
         """Config, tokenizer and processor files to carry along (never weights or the index)."""
@@ -166,7 +162,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ConversionError(f"{path}: corrupt safetensors header entry for {name}") from None
-        if dtype not in SAFETENSORS_DTYPES:
+        if dtype not in BY_SAFETENSORS:
             raise ConversionError(f"{path}: tensor {name} has unsupported dtype {dtype}")
         if end > data_len:
             raise ConversionError(
@@ -175,7 +171,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         numel = 1
         for d in shape:
             numel *= d
-        if end - start != numel * SAFETENSORS_DTYPES[dtype].itemsize:
+        if end - start != numel * BY_SAFETENSORS[dtype].itemsize:
             raise ConversionError(f"{path}: corrupt header: tensor {name} {dtype}{list(shape)} spans {end - start} bytes")
         infos[name] = TensorInfo(name, path.name, dtype, shape, end - start, 8 + header_len + start)
     return infos

@@ -18,7 +18,6 @@ uses the chunk table directly, so a single tensor can be fetched without loading
 
 from __future__ import annotations
 
-import io
 import json
 import mmap
 import os
@@ -28,21 +27,11 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
-)
-
+from ckptconv.array import BY_TORCH_NAME, Array, DType, dtype_of
 from ckptconv.errors import ConversionError
 from ckptconv.manifest import checksum_bytes, new_checksum
-from ckptconv.torch_save_format import read_tensor, write_tensor
+from ckptconv.pickles import Call, Global, Obj, dumps
+from ckptconv.torch_save_format import object_bytes, read_object, read_tensor, write_tensor
 
 MEGATRON_METADATA = {
     "sharded_backend": "torch_dist",
@@ -54,19 +43,52 @@ EXTRA_STATE_BYTES_OBJECT = [None]
 """What a local-spec (non-Transformer-Engine) linear's ``_extra_state`` ShardedObject holds."""
 
 
-def _serialize(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
+@dataclass(frozen=True)
+class ChunkMeta:
+    """Where one saved chunk sits in its global tensor."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass
+class TensorMeta:
+    dtype: DType
+    size: tuple[int, ...]
+    chunks: list[ChunkMeta]
+
+
+@dataclass(frozen=True)
+class BytesMeta:
+    """A ShardedObject (e.g. a linear's ``_extra_state``)."""
+
+
+@dataclass(frozen=True)
+class StorageInfo:
+    relative_path: str
+    offset: int
+    length: int
+
+
+StorageKey = tuple[str, "tuple[int, ...] | None"]
+"""(fqn, chunk offsets), or (fqn, None) for an object: DCP's ``MetadataIndex``."""
+
+
+@dataclass
+class CheckpointMetadata:
+    """What ``.metadata`` says, in our own types (DCP's classes need torch.distributed.checkpoint)."""
+
+    entries: dict[str, "TensorMeta | BytesMeta"]
+    storage: dict[StorageKey, StorageInfo]
 
 
 @dataclass
 class LocalIndex:
     """What one rank wrote: merged by rank 0 into the checkpoint's ``.metadata``."""
 
-    tensors: dict[str, tuple[torch.Size, torch.dtype, list[ChunkStorageMetadata]]] = field(default_factory=dict)
+    tensors: dict[str, TensorMeta] = field(default_factory=dict)
     objects: set[str] = field(default_factory=set)
-    storage: dict[MetadataIndex, _StorageInfo] = field(default_factory=dict)
+    storage: dict[StorageKey, StorageInfo] = field(default_factory=dict)
     file_hashes: dict[str, str] = field(default_factory=dict)
     bytes_written: int = 0
 
@@ -127,7 +149,7 @@ class DistCheckpointWriter:
                         self._file.write(payload)
                     else:
                         write_tensor(self._file, *payload)
-                    self.index.storage[index] = _StorageInfo(self.file_name, start, self._file.offset - start)
+                    self.index.storage[index] = StorageInfo(self.file_name, start, self._file.offset - start)
                 except BaseException as exc:  # disk full etc.: surfaced on the next write / close
                     self._error = exc
             del payload
@@ -141,7 +163,7 @@ class DistCheckpointWriter:
             while self._queued_bytes > 0 and self._queued_bytes + size > self._max_queued_bytes:
                 self._space.wait()
 
-    def _submit(self, index: MetadataIndex, payload) -> None:
+    def _submit(self, index: StorageKey, payload) -> None:
         if self._error is not None:
             raise ConversionError(f"writing {self.directory / self.file_name} failed: {self._error}")
         size = payload[0].nbytes if isinstance(payload, tuple) else len(payload)
@@ -154,23 +176,24 @@ class DistCheckpointWriter:
                     shape: tuple[int, ...] | None = None) -> None:
         """Queue one chunk (a tensor or :class:`RowBlocks`) at ``offsets`` of the global tensor
         ``key``; ``shape`` (default: the chunk's) adds the leading layer / expert axes of extent 1."""
-        size = torch.Size(global_shape)
-        shape = torch.Size(shape if shape is not None else chunk.shape)
+        size = tuple(global_shape)
+        shape = tuple(shape if shape is not None else chunk.shape)
+        dtype = dtype_of(chunk.dtype)
         entry = self.index.tensors.get(key)
         if entry is None:
-            entry = self.index.tensors[key] = (size, chunk.dtype, [])
-        elif entry[0] != size or entry[1] != chunk.dtype:
+            entry = self.index.tensors[key] = TensorMeta(dtype, size, [])
+        elif entry.size != size or entry.dtype != dtype:
             raise ConversionError(
-                f"{key}: inconsistent global tensor: {list(entry[0])} {entry[1]} vs {list(size)} {chunk.dtype} (shape mismatch between layers?)"
+                f"{key}: inconsistent global tensor: {list(entry.size)} {entry.dtype} vs {list(size)} {dtype} (shape mismatch between layers?)"
             )
-        entry[2].append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=shape))
-        self._submit(MetadataIndex(key, torch.Size(offsets)), (chunk, shape))
+        entry.chunks.append(ChunkMeta(tuple(offsets), shape))
+        self._submit((key, tuple(offsets)), (chunk, shape))
 
     def write_object(self, fqn: str, obj) -> None:
         if fqn in self.index.objects:
             raise ConversionError(f"object {fqn} written twice")
         self.index.objects.add(fqn)
-        self._submit(MetadataIndex(fqn), _serialize(obj))
+        self._submit((fqn, None), object_bytes(obj))
 
     def _stop(self) -> None:
         self._queue.put(None)
@@ -192,35 +215,28 @@ class DistCheckpointWriter:
 
 def write_metadata(directory: Path, parts: list[LocalIndex]) -> dict[str, str]:
     """Merge every rank's index into ``.metadata``; write ``metadata.json`` and ``common.pt``.
-    Returns the sha256 of each metadata file written."""
-    state_dict_metadata: dict = {}
-    storage: dict = {}
+    Returns the checksum of each metadata file written."""
+    entries: dict[str, TensorMeta | BytesMeta] = {}
+    storage: dict[StorageKey, StorageInfo] = {}
     for part in parts:
-        for key, (size, dtype, chunks) in part.tensors.items():
-            existing = state_dict_metadata.get(key)
+        for key, md in part.tensors.items():
+            existing = entries.get(key)
             if existing is None:
-                state_dict_metadata[key] = TensorStorageMetadata(
-                    properties=TensorProperties(dtype=dtype), size=size, chunks=list(chunks)
-                )
+                entries[key] = TensorMeta(md.dtype, md.size, list(md.chunks))
             else:
-                if existing.size != size or existing.properties.dtype != dtype:
+                if existing.size != md.size or existing.dtype != md.dtype:
                     raise ConversionError(f"{key}: ranks disagree on its global shape / dtype")
-                existing.chunks.extend(chunks)
+                existing.chunks.extend(md.chunks)
         for fqn in part.objects:
-            state_dict_metadata[fqn] = BytesStorageMetadata()
+            entries[fqn] = BytesMeta()
         storage.update(part.storage)
-    _check_chunks_tile(state_dict_metadata)
-    metadata = Metadata(
-        state_dict_metadata=dict(sorted(state_dict_metadata.items())),
-        planner_data=None,
-        storage_data=storage,
-        storage_meta=StorageMeta(checkpoint_id=None, save_id="ckptconv"),
-    )
+    _check_chunks_tile(entries)
+    metadata = CheckpointMetadata(dict(sorted(entries.items())), storage)
     hashes = {}
     payloads = {
-        ".metadata": pickle.dumps(metadata),
+        ".metadata": dcp_metadata_pickle(metadata),
         "metadata.json": json.dumps(MEGATRON_METADATA).encode(),
-        "common.pt": _serialize({}),
+        "common.pt": object_bytes({}),
     }
     for name, payload in payloads.items():
         (directory / name).write_bytes(payload)
@@ -228,47 +244,158 @@ def write_metadata(directory: Path, parts: list[LocalIndex]) -> dict[str, str]:
     return hashes
 
 
-def _check_chunks_tile(state_dict_metadata: dict) -> None:
+def _check_chunks_tile(entries: dict) -> None:
     """Every element of every global tensor is covered by exactly one chunk."""
-    for key, md in state_dict_metadata.items():
-        if not isinstance(md, TensorStorageMetadata):
+    for key, md in entries.items():
+        if not isinstance(md, TensorMeta):
             continue
-        total = 1
-        for d in md.size:
-            total *= d
-        covered = 0
-        for chunk in md.chunks:
-            n = 1
-            for d in chunk.sizes:
-                n *= d
-            covered += n
-        if covered != total:
-            raise ConversionError(f"{key}: chunks cover {covered} of {total} elements (a layer or expert is missing or doubled)")
+        covered = sum(_numel(chunk.sizes) for chunk in md.chunks)
+        if covered != _numel(md.size):
+            raise ConversionError(f"{key}: chunks cover {covered} of {_numel(md.size)} elements (a layer or expert is missing or doubled)")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 # ------------------------------------------------------------------------------------------------
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admit only the classes a DCP ``.metadata`` file is made of (no code execution)."""
+# .metadata: DCP's pickled ``Metadata``, written and read without importing DCP.
+_DCP = "torch.distributed.checkpoint.metadata"
+_DCP_FILESYSTEM = "torch.distributed.checkpoint.filesystem"
 
-    _ALLOWED_MODULES = (
+
+def _torch_size(values) -> Call:
+    return Call(Global("torch", "Size"), (tuple(values),))
+
+
+def dcp_metadata_pickle(metadata: CheckpointMetadata) -> bytes:
+    """``pickle.dumps(Metadata(...))`` as DCP writes it: the same classes, fields and state, so
+    ``torch.distributed.checkpoint`` and megatron-core load it as their own (tested)."""
+
+    def tensor_entry(md: TensorMeta) -> Obj:
+        properties = Obj(Global(_DCP, "TensorProperties"), (
+            Global("torch", md.dtype.torch_name),
+            Call(Global("torch.serialization", "_get_layout"), ("torch.strided",)),
+            False,  # requires_grad
+            Call(Global(_DCP, "_MEM_FORMAT_ENCODING"), (0,)),  # contiguous
+            False,  # pin_memory
+        ))
+        chunks = [Obj(Global(_DCP, "ChunkStorageMetadata"), {"offsets": _torch_size(c.offsets), "sizes": _torch_size(c.sizes)})
+                  for c in md.chunks]
+        return Obj(Global(_DCP, "TensorStorageMetadata"),
+                   {"properties": properties, "size": _torch_size(md.size), "chunks": chunks})
+
+    state_dict_metadata = {
+        key: tensor_entry(md) if isinstance(md, TensorMeta) else Obj(Global(_DCP, "BytesStorageMetadata"))
+        for key, md in metadata.entries.items()
+    }
+    storage_data = {
+        Obj(Global(_DCP, "MetadataIndex"), {"fqn": fqn, "index": None,
+                                            "offset": None if offsets is None else _torch_size(offsets)}):
+        Obj(Global(_DCP_FILESYSTEM, "_StorageInfo"), {"relative_path": info.relative_path, "offset": info.offset,
+                                                      "length": info.length})
+        for (fqn, offsets), info in metadata.storage.items()
+    }
+    storage_meta = Obj(Global(_DCP, "StorageMeta"), {"checkpoint_id": None, "save_id": "ckptconv", "load_id": None,
+                                                     "modules": []})
+    return dumps(Obj(Global(_DCP, "Metadata"), {
+        "state_dict_metadata": state_dict_metadata,
+        "planner_data": None,
+        "storage_data": storage_data,
+        "storage_meta": storage_meta,
+        "version": None,
+    }))
+
+
+class _Record:
+    """Stands in for a DCP class while unpickling: keeps the state, runs nothing."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        elif isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # (dict, slots)
+            self.__dict__.update(state[0] or {})
+            self.__dict__.update(state[1])
+        else:
+            self.state = state
+
+
+_RECORD_TYPES: dict[tuple[str, str], type] = {}
+
+
+def _record_type(module: str, name: str) -> type:
+    if (module, name) not in _RECORD_TYPES:
+        _RECORD_TYPES[(module, name)] = type(name, (_Record,), {"__module__": "ckptconv.torch_dist.dcp"})
+    return _RECORD_TYPES[(module, name)]
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads a DCP ``.metadata`` pickle into inert stand-ins: the DCP class names map to
+    :class:`_Record` types, torch's Size / dtype / layout to plain values; anything else is
+    refused. No code the file names is ever run, and torch is not imported."""
+
+    _DCP_MODULES = (
         "torch.distributed.checkpoint.metadata",
         "torch.distributed.checkpoint.filesystem",
         "torch.distributed.checkpoint.planner",
         "torch.distributed.checkpoint._extension",
     )
-    _ALLOWED = {
-        ("torch", "Size"), ("torch", "device"), ("collections", "OrderedDict"), ("builtins", "set"),
-        ("builtins", "frozenset"), ("builtins", "slice"),
-        # torch.layout pickles as a call to this lookup by name.
-        ("torch.serialization", "_get_layout"),
+    _PLAIN = {
+        ("torch", "Size"): lambda values=(): tuple(values),
+        ("torch", "device"): lambda *args: ":".join(map(str, args)),
+        ("torch.serialization", "_get_layout"): str,  # torch.layout pickles as a lookup by name
+        ("collections", "OrderedDict"): dict,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "slice"): slice,
     }
+    _TORCH_CONSTANTS = {"strided", "sparse_coo", "contiguous_format", "channels_last", "preserve_format"}
 
     def find_class(self, module, name):
-        if module.startswith(self._ALLOWED_MODULES) or (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-            return getattr(torch, name)
+        if module.startswith(self._DCP_MODULES):
+            return _record_type(module, name)
+        if (module, name) in self._PLAIN:
+            return self._PLAIN[(module, name)]
+        if module == "torch" and name in BY_TORCH_NAME:
+            return BY_TORCH_NAME[name]
+        if module == "torch" and name in self._TORCH_CONSTANTS:
+            return name
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+def read_dcp_metadata(path: Path) -> CheckpointMetadata:
+    """Parse a ``.metadata`` file with the restricted unpickler into :class:`CheckpointMetadata`."""
+    try:
+        with open(path, "rb") as f:
+            raw = _MetadataUnpickler(f).load()
+        entries: dict[str, TensorMeta | BytesMeta] = {}
+        for key, md in raw.state_dict_metadata.items():
+            kind = type(md).__name__
+            if kind == "TensorStorageMetadata":
+                properties = md.properties
+                dtype = properties.state[0] if hasattr(properties, "state") else properties.dtype
+                if not isinstance(dtype, DType):
+                    raise TypeError(f"{key}: unsupported dtype {dtype!r}")
+                chunks = [ChunkMeta(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
+                entries[key] = TensorMeta(dtype, tuple(md.size), chunks)
+            elif kind == "BytesStorageMetadata":
+                entries[key] = BytesMeta()
+            else:
+                raise TypeError(f"{key}: unexpected metadata entry {kind}")
+        storage = {
+            (index.fqn, None if getattr(index, "offset", None) is None else tuple(index.offset)):
+                StorageInfo(str(info.relative_path), int(info.offset), int(info.length))
+            for index, info in raw.storage_data.items()
+        }
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError, IndexError) as exc:
+        raise ConversionError(f"{path}: unreadable checkpoint metadata: {exc}") from None
+    return CheckpointMetadata(entries, storage)
 
 
 def resolve_checkpoint_dir(path: Path) -> Path:
@@ -303,52 +430,48 @@ class DistCheckpointReader:
 
     def __init__(self, directory: Path):
         self.directory = resolve_checkpoint_dir(directory)
-        try:
-            with open(self.directory / ".metadata", "rb") as f:
-                self.metadata: Metadata = _MetadataUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
-            raise ConversionError(f"{self.directory / '.metadata'}: unreadable checkpoint metadata: {exc}") from None
-        self.entries = self.metadata.state_dict_metadata
+        self.metadata = read_dcp_metadata(self.directory / ".metadata")
+        self.entries = self.metadata.entries
         self._files: dict[str, object] = {}
 
     def tensor_keys(self) -> list[str]:
-        return [k for k, v in self.entries.items() if isinstance(v, TensorStorageMetadata)]
+        return [k for k, v in self.entries.items() if isinstance(v, TensorMeta)]
 
     def object_keys(self) -> list[str]:
-        return [k for k, v in self.entries.items() if isinstance(v, BytesStorageMetadata)]
+        return [k for k, v in self.entries.items() if isinstance(v, BytesMeta)]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._tensor_md(key).size)
+        return self._tensor_md(key).size
 
-    def dtype(self, key: str) -> torch.dtype:
-        return self._tensor_md(key).properties.dtype
+    def dtype(self, key: str) -> DType:
+        return self._tensor_md(key).dtype
 
-    def _tensor_md(self, key: str) -> TensorStorageMetadata:
+    def _tensor_md(self, key: str) -> TensorMeta:
         md = self.entries.get(key)
-        if not isinstance(md, TensorStorageMetadata):
+        if not isinstance(md, TensorMeta):
             raise ConversionError(f"{self.directory}: checkpoint has no tensor {key}")
         return md
 
-    def _map_chunk(self, index: MetadataIndex) -> memoryview:
-        """The chunk's bytes, mapped privately (no copy; gone when the last tensor using them is)."""
+    def _map_chunk(self, index: StorageKey) -> memoryview:
+        """The chunk's bytes, mapped privately (no copy; gone when the last array using them is)."""
         try:
-            info = self.metadata.storage_data[index]
+            info = self.metadata.storage[index]
         except KeyError:
-            raise ConversionError(f"{self.directory}: metadata lists {index.fqn} but no storage for it") from None
+            raise ConversionError(f"{self.directory}: metadata lists {index[0]} but no storage for it") from None
         path = self.directory / info.relative_path
         handle = self._files.get(info.relative_path)
         if handle is None:
-            if not path.is_file():
+            if Path(info.relative_path).name != info.relative_path or not path.is_file():
                 raise ConversionError(f"{path}: checkpoint data file is missing")
             handle = self._files[info.relative_path] = open(path, "rb")
         if info.offset + info.length > os.fstat(handle.fileno()).st_size:
-            raise ConversionError(f"{path}: truncated (chunk of {index.fqn} at byte {info.offset} needs {info.length} bytes)")
+            raise ConversionError(f"{path}: truncated (chunk of {index[0]} at byte {info.offset} needs {info.length} bytes)")
         start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
         region = mmap.mmap(handle.fileno(), info.offset + info.length - start, flags=mmap.MAP_PRIVATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
         return memoryview(region)[info.offset - start:]
 
-    def read(self, key: str, axis_index: tuple[int, ...] = ()) -> torch.Tensor:
+    def read(self, key: str, axis_index: tuple[int, ...] = ()) -> Array:
         """The tensor at ``axis_index`` on the leading (layer / expert) axes, assembled from every
         chunk that overlaps it, whatever TP/PP/EP layout wrote them."""
         md = self._tensor_md(key)
@@ -360,28 +483,32 @@ class DistCheckpointReader:
             chunk = covering[0]
             data = self._load_chunk(key, chunk)
             return data[tuple(i - o for i, o in zip(axis_index, chunk.offsets))] if n_axes else data
-        out = torch.empty(wanted, dtype=md.properties.dtype)
+        out = Array.zeros(wanted, md.dtype)
         filled = 0
         for chunk in covering:
             data = self._load_chunk(key, chunk)
             piece = data[tuple(i - o for i, o in zip(axis_index, chunk.offsets))] if n_axes else data
-            target = out[tuple(slice(o, o + s) for o, s in zip(chunk.offsets[n_axes:], chunk.sizes[n_axes:]))]
-            target.copy_(piece)
+            region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets[n_axes:], chunk.sizes[n_axes:]))
+            out.raw[region] = piece.raw
             filled += piece.numel()
         if filled != out.numel():
             raise ConversionError(f"{key}{list(axis_index)}: chunks cover {filled} of {out.numel()} elements")
         return out
 
-    def _load_chunk(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
-        data = read_tensor(self._map_chunk(MetadataIndex(key, chunk.offsets)))
-        if tuple(data.shape) != tuple(chunk.sizes):
-            raise ConversionError(f"{self.directory}: chunk of {key} at {list(chunk.offsets)} has shape {list(data.shape)}, metadata says {list(chunk.sizes)}")
+    def _load_chunk(self, key: str, chunk: ChunkMeta) -> Array:
+        try:
+            data = read_tensor(self._map_chunk((key, chunk.offsets)))
+        except ValueError as exc:
+            raise ConversionError(f"{self.directory}: chunk of {key} at {list(chunk.offsets)} is unreadable: {exc}") from None
+        if data.shape != tuple(chunk.sizes) or data.dtype != self.dtype(key):
+            raise ConversionError(f"{self.directory}: chunk of {key} at {list(chunk.offsets)} is {data.dtype}{list(data.shape)}, "
+                                  f"metadata says {self.dtype(key)}{list(chunk.sizes)}")
         return data
 
     def read_object(self, fqn: str):
-        if not isinstance(self.entries.get(fqn), BytesStorageMetadata):
+        if not isinstance(self.entries.get(fqn), BytesMeta):
             raise ConversionError(f"{self.directory}: checkpoint has no object {fqn}")
-        return torch.load(io.BytesIO(bytes(self._map_chunk(MetadataIndex(fqn)))), weights_only=True)
+        return read_object(self._map_chunk((fqn, None)))
 
     def close(self) -> None:
         for handle in self._files.values():

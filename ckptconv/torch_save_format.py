@@ -1,11 +1,11 @@
-"""Write one tensor in ``torch.save``'s format, with the tensor bytes going straight to the file.
+"""``torch.save``'s archive format, written and read without torch.
 
 A torch_dist checkpoint stores every chunk as a ``torch.save`` archive (a zip of ``data.pkl`` plus
-the raw storage bytes), because DCP's reader ``torch.load``s each chunk. ``torch.save`` itself moves
-the storage through its zip writer at a fraction of the speed of a plain ``write``; for a
-converter whose limit is the disk, that is the bottleneck. Here the small records come from
-torch's own pickler (so ``data.pkl`` is exactly what ``torch.save`` would write) and the storage is
-written with one ``write(memoryview)``: the same archive, at the speed of the write.
+the raw storage bytes), because DCP's reader ``torch.load``s each chunk. ``torch.save`` moves the
+storage through its zip writer at a fraction of the speed of a plain ``write``, and needs torch
+imported. Here ``data.pkl`` comes from :mod:`ckptconv.pickles` (byte-identical to torch's) and the
+storage is written straight from the source (:mod:`ckptconv.pages`): the same archive, at the speed
+of the copy.
 
 Records are stored uncompressed, data aligned to 64 bytes like torch does, no CRC (as
 ``torch.save`` with ``compute_crc32=False``; torch's reader does not check it). Archives whose
@@ -14,42 +14,24 @@ storage is 4 GiB or more would need zip64: for those we fall back to ``torch.sav
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
+from collections import OrderedDict
 
-import torch
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
+from ckptconv import pickles
+from ckptconv.array import BY_STORAGE, BY_TORCH_NAME, Array, as_array, cat
 from ckptconv.pages import write_tensor_bytes
 
 ARCHIVE = "archive"
 ALIGNMENT = 64
 _ZIP32_LIMIT = 0xFFFFFFFF - (1 << 20)
-# What PyTorchFileWriter adds at the end of every archive (format version 3, an opaque id).
+# What torch.save writes around data.pkl and the storages (serialization format 3); the id is opaque.
+_HEAD_RECORDS = ((".format_version", b"1"), (".storage_alignment", str(ALIGNMENT).encode()), ("byteorder", b"little"))
 _TRAILER_RECORDS = (("version", b"3\n"), (".data/serialization_id", b"0" * 40))
-
-
-class _RecordCollector:
-    """Stands in for torch's zip writer to capture what ``torch.serialization._save`` records."""
-
-    def __init__(self):
-        self.records: list[tuple[str, bytes | None, int]] = []
-
-    def write_record(self, name, data, nbytes):
-        payload = data.encode() if isinstance(data, str) else data if isinstance(data, bytes) else None
-        self.records.append((name, payload, nbytes))
-
-    def write_record_metadata(self, name, nbytes):
-        self.records.append((name, None, nbytes))
-
-
-def _standalone_alias(tensor: torch.Tensor) -> torch.Tensor:
-    """The same bytes as a tensor whose storage is exactly its data (no copy when already
-    contiguous): ``data.pkl`` then describes one storage of ``tensor.nbytes`` bytes at offset 0."""
-    tensor = tensor.contiguous()
-    if tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.nbytes:
-        return tensor
-    raw = tensor.reshape(-1).view(torch.uint8).numpy()
-    return torch.from_numpy(raw).view(tensor.dtype).view(tensor.shape)
 
 
 def _local_header(name: bytes, size: int, data_offset_if_no_extra: int) -> tuple[bytes, int]:
@@ -69,24 +51,8 @@ def _central_entry(name: bytes, size: int, offset: int) -> bytes:
     ) + name
 
 
-def write_tensor(file, tensor, shape: tuple[int, ...] | None = None) -> None:
-    """Append ``tensor`` to ``file`` (anything with ``write``) as a ``torch.load``-able archive of
-    shape ``shape`` (default: its own). ``tensor`` may be :class:`~ckptconv.transforms.RowBlocks`:
-    its parts are written back to back as one storage, never concatenated in memory."""
-    shape = tuple(shape if shape is not None else tensor.shape)
-    parts = tensor.parts if hasattr(tensor, "parts") else [tensor.detach()]
-    parts = [_standalone_alias(p) for p in parts]
-    nbytes = sum(p.nbytes for p in parts)
-    if nbytes >= _ZIP32_LIMIT:
-        whole = torch.cat([p.reshape(-1) for p in parts]) if len(parts) > 1 else parts[0]
-        torch.save(whole.reshape(shape), file)
-        return
-    # data.pkl only describes the storage (dtype, size, shape): a stand-in from torch.empty is never
-    # touched, so it costs address space, not memory.
-    stand_in = parts[0] if len(parts) == 1 else torch.empty(shape, dtype=parts[0].dtype)
-    collector = _RecordCollector()
-    torch.serialization._save(stand_in.reshape(shape), collector, pickle, 2, _disable_byteorder_record=False)
-    records = [*collector.records, *((name, data, len(data)) for name, data in _TRAILER_RECORDS)]
+def _write_archive(file, records: list[tuple[str, object, int]]) -> None:
+    """Write a stored zip of ``(name, bytes or list of tensor parts, size)`` records."""
     position = 0
     directory = []
     for name, payload, size in records:
@@ -95,48 +61,163 @@ def write_tensor(file, tensor, shape: tuple[int, ...] | None = None) -> None:
         file.write(header)
         directory.append(_central_entry(full_name, size, position))
         position += len(header)
-        if payload is None:  # the storage record: the tensor's bytes, written as they lie in memory
-            if size != nbytes:
-                raise AssertionError(f"storage record of {size} bytes for a tensor of {nbytes}")
-            for part in parts:
-                write_tensor_bytes(file, part)
-        else:
+        if isinstance(payload, bytes):
             file.write(payload)
+        else:  # the storage record: the tensor's bytes, written as they lie in the source
+            for part in payload:
+                write_tensor_bytes(file, part)
         position += size
     central = b"".join(directory)
     file.write(central)
     file.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(records), len(records), len(central), position, 0))
 
 
+def write_tensor(file, tensor, shape: tuple[int, ...] | None = None) -> None:
+    """Append ``tensor`` to ``file`` (anything with ``write``) as a ``torch.load``-able archive of
+    shape ``shape`` (default: its own). ``tensor`` is an :class:`~ckptconv.array.Array`, a torch
+    tensor or :class:`~ckptconv.transforms.RowBlocks`, whose parts are written back to back as one
+    storage, never concatenated in memory."""
+    shape = tuple(shape if shape is not None else tensor.shape)
+    parts = [as_array(p).contiguous() for p in (tensor.parts if hasattr(tensor, "parts") else [tensor])]
+    dtype = parts[0].dtype
+    nbytes = sum(p.nbytes for p in parts)
+    if nbytes >= _ZIP32_LIMIT:
+        import torch
+
+        whole = cat([p.reshape(-1) for p in parts]) if len(parts) > 1 else parts[0]
+        torch.save(whole.reshape(shape).to_torch(), file)
+        return
+    data_pkl = pickles.tensor_data_pkl(dtype, shape)
+    _write_archive(file, [*_sized([("data.pkl", data_pkl), *_HEAD_RECORDS]), ("data/0", parts, nbytes),
+                          *_sized(_TRAILER_RECORDS)])
+
+
+def _sized(records) -> list[tuple[str, bytes, int]]:
+    return [(name, payload, len(payload)) for name, payload in records]
+
+
+def write_object(file, obj) -> None:
+    """``torch.save(obj)`` for a plain object (no tensors inside), e.g. ``[None]`` or ``{}``."""
+    _write_archive(file, _sized([("data.pkl", pickles.dumps(obj)), *_HEAD_RECORDS, *_TRAILER_RECORDS]))
+
+
+def object_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    write_object(buffer, obj)
+    return buffer.getvalue()
+
+
 # ------------------------------------------------------------------------------------------------
 # Reading: the same archives, loaded in place.
-class _ZipView:
-    """The records of one torch.save archive lying in a buffer, as torch's loader asks for them.
+class _StorageType:
+    """What ``torch.BFloat16Storage`` & co. stand for in ``data.pkl``: the element dtype."""
 
-    ``torch.serialization._load`` given ``overall_storage`` (what ``torch.load(mmap=True)`` does for
-    a whole file) slices storages out of it instead of copying them; this view lets us do the same
-    for an archive that is one chunk inside a larger ``.distcp`` file."""
+    def __init__(self, dtype):
+        self.dtype = dtype
 
-    def __init__(self, buffer):
-        self.buffer = memoryview(buffer)
-        self.records = _central_directory(self.buffer)
-        self.serialization_id = lambda: ""
 
-    def _name(self, name: str) -> str:
-        return name if name in self.records else next(n for n in self.records if n.split("/", 1)[-1] == name)
+_UNTYPED = _StorageType(None)
 
-    def has_record(self, name: str) -> bool:
-        return any(n == name or n.split("/", 1)[-1] == name for n in self.records)
 
-    def get_record(self, name: str) -> bytes:
-        offset, size = self.records[self._name(name)]
-        return bytes(self.buffer[offset: offset + size])
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Unpickles ``data.pkl`` into :class:`Array` views of the archive's storage records.
 
-    def get_record_offset(self, name: str) -> int:
-        return self.records[self._name(name)][0]
+    Only the names ``torch.save`` writes for tensors and plain containers are admitted; they map to
+    our own functions, so loading a chunk neither imports torch nor runs code the file names.
+    """
 
-    def get_all_records(self) -> list[str]:
-        return [n.split("/", 1)[-1] for n in self.records]
+    def __init__(self, data: bytes, buffer: memoryview, records: dict[str, tuple[int, int]]):
+        super().__init__(io.BytesIO(data))
+        self.buffer, self.records = buffer, records
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor_v2
+        if module == "torch._utils" and name == "_rebuild_tensor_v3":
+            return _rebuild_tensor_v3
+        if module == "torch" and name in BY_STORAGE:
+            return _StorageType(BY_STORAGE[name])
+        if module == "torch.storage" and name == "UntypedStorage":
+            return _UNTYPED
+        if module == "torch" and name in BY_TORCH_NAME:
+            return BY_TORCH_NAME[name]
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint chunk")
+
+    def persistent_load(self, pid):
+        kind, storage_type, key, _location, numel = pid
+        if kind != "storage" or not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        offset, size = self.records[_record_name(self.records, f"data/{key}")]
+        return storage_type, self.buffer, offset, size
+
+
+def _record_name(records, name: str) -> str:
+    if name in records:
+        return name
+    for candidate in records:
+        if candidate.split("/", 1)[-1] == name:
+            return candidate
+    raise pickle.UnpicklingError(f"archive has no record {name}")
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    storage_type, buffer, offset, nbytes = storage
+    return _rebuild(dtype, buffer, offset, nbytes, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, hooks, metadata=None):
+    storage_type, buffer, offset, nbytes = storage
+    return _rebuild(storage_type.dtype, buffer, offset, nbytes, storage_offset, size, stride)
+
+
+def _rebuild(dtype, buffer, offset, nbytes, storage_offset, size, stride) -> Array:
+    if dtype is None:
+        raise pickle.UnpicklingError("untyped storage without a dtype")
+    storage = np.frombuffer(buffer, dtype=dtype.raw, count=nbytes // dtype.itemsize, offset=offset)
+    size, stride = tuple(size), tuple(stride)
+    end = storage_offset + sum((d - 1) * s for d, s in zip(size, stride)) + 1 if all(size) else storage_offset
+    if storage_offset < 0 or end > storage.size:
+        raise pickle.UnpicklingError(f"tensor {list(size)} at offset {storage_offset} overruns its storage of {storage.size}")
+    raw = as_strided(storage[storage_offset:], size, tuple(s * dtype.itemsize for s in stride))
+    return Array(raw, dtype)
+
+
+def read_archive(buffer):
+    """Load a torch.save archive lying in ``buffer`` (writable for a writable result, e.g. a private
+    mmap): tensors come back as :class:`Array` views of the buffer itself, not copies."""
+    view = memoryview(buffer)
+    records = _central_directory(view)
+    offset, size = records[_record_name(records, "data.pkl")]
+    return _ArchiveUnpickler(bytes(view[offset:offset + size]), view, records).load()
+
+
+def read_tensor(buffer) -> Array:
+    """The tensor a chunk archive holds. Archives this parser does not understand (not a stored
+    zip, other pickled types) go through ``torch.load(weights_only=True)``."""
+    try:
+        tensor = read_archive(buffer)
+    except (ValueError, struct.error, pickle.UnpicklingError, KeyError):
+        return as_array(_torch_load(buffer))
+    if not isinstance(tensor, Array):
+        raise ValueError(f"chunk holds a {type(tensor).__name__}, not a tensor")
+    return tensor
+
+
+def read_object(buffer):
+    """A ShardedObject's value (e.g. ``[None]``), via ``torch.load(weights_only=True)`` when it is
+    more than plain data."""
+    try:
+        return read_archive(buffer)
+    except (ValueError, struct.error, pickle.UnpicklingError, KeyError):
+        return _torch_load(buffer)
+
+
+def _torch_load(buffer):
+    import torch
+
+    return torch.load(io.BytesIO(bytes(buffer)), map_location="cpu", weights_only=True)
 
 
 def _central_directory(buffer: memoryview) -> dict[str, tuple[int, int]]:
@@ -181,17 +262,3 @@ def _zip64_sizes(extra: memoryview, usize: int, csize: int, local_offset: int) -
     raise ValueError("zip64 sizes missing")
 
 
-def read_tensor(buffer) -> torch.Tensor:
-    """Load a torch.save archive lying in ``buffer`` (writable, e.g. a private mmap) with the
-    weights-only unpickler; the tensor's storage is the buffer itself, not a copy. Archives this
-    parser does not understand go through ``torch.load``."""
-    try:
-        view = _ZipView(buffer)
-    except (ValueError, struct.error, StopIteration):
-        import io
-
-        return torch.load(io.BytesIO(bytes(buffer)), map_location="cpu", weights_only=True)
-    overall = torch.frombuffer(buffer, dtype=torch.uint8).untyped_storage()
-    return torch.serialization._load(
-        view, "cpu", torch._weights_only_unpickler, overall_storage=overall, encoding="utf-8"
-    )

@@ -6,6 +6,10 @@ what makes export "the same table read backwards". Transforms never guess a layo
 everything they need (head counts, vocab padding, expert counts) comes from the
 :class:`TransformContext`, and they check the shapes they are given against it.
 
+Transforms only move elements (slice, interleave, concatenate, transpose), never compute, and use
+only what :class:`~ckptconv.array.Array` and ``torch.Tensor`` share: the converter runs them on
+Arrays (no torch import), tests and verify on torch tensors.
+
 Families may register more transforms with :func:`register` (in their normalizer module).
 """
 
@@ -14,12 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
+from ckptconv.array import cat, chunk, split, stack
 from ckptconv.errors import ConversionError
 from ckptconv.spec import ModelSpec
 
-Tensors = list[torch.Tensor]
+Tensors = list  # of Array or torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,12 @@ class RowBlocks:
         self.parts = [p for p in parts if p.ndim == 0 or p.shape[0]] or parts[:1]
         first = self.parts[0]
         self.dtype = first.dtype
-        rows = torch.Size((sum(p.shape[0] if p.ndim else 1 for p in self.parts), *first.shape[1:]))
-        self.shape = torch.Size(shape) if shape is not None else rows
-        if any(p.shape[1:] != first.shape[1:] or p.dtype != first.dtype for p in self.parts):
+        rows = (sum(p.shape[0] if p.ndim else 1 for p in self.parts), *first.shape[1:])
+        self.shape = tuple(shape) if shape is not None else rows
+        if any(tuple(p.shape[1:]) != tuple(first.shape[1:]) or p.dtype != first.dtype for p in self.parts):
             raise ValueError("row blocks must agree in trailing shape and dtype")
-        if self.shape.numel() != rows.numel():
-            raise ValueError(f"row blocks of {rows.numel()} elements cannot be viewed as {list(self.shape)}")
+        if _numel(self.shape) != _numel(rows):
+            raise ValueError(f"row blocks of {_numel(rows)} elements cannot be viewed as {list(self.shape)}")
 
     @property
     def nbytes(self) -> int:
@@ -79,7 +82,7 @@ class RowBlocks:
     def is_floating_point(self) -> bool:
         return self.dtype.is_floating_point
 
-    def to(self, dtype: torch.dtype) -> "RowBlocks":
+    def to(self, dtype) -> "RowBlocks":
         return RowBlocks([p.to(dtype) for p in self.parts], self.shape)
 
     def narrow_rows(self, start: int, length: int) -> "RowBlocks":
@@ -91,9 +94,16 @@ class RowBlocks:
             row += part.shape[0]
         return RowBlocks(out)
 
-    def materialize(self) -> torch.Tensor:
-        whole = torch.cat([p.reshape(-1, *p.shape[1:]) for p in self.parts], dim=0) if len(self.parts) > 1 else self.parts[0]
+    def materialize(self):
+        whole = cat([p.reshape(-1, *p.shape[1:]) for p in self.parts], dim=0) if len(self.parts) > 1 else self.parts[0]
         return whole.reshape(self.shape)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 TRANSFORMS: dict[str, Transform] = {}
@@ -117,7 +127,7 @@ def get(name: str) -> Transform:
     return TRANSFORMS[name]
 
 
-def _expect_shape(t: torch.Tensor, shape: tuple[int, ...], what: str, ctx: TransformContext) -> None:
+def _expect_shape(t, shape: tuple[int, ...], what: str, ctx: TransformContext) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ctx.fail(f"{what} has shape {list(t.shape)}, expected {list(shape)} from the config")
 
@@ -172,7 +182,7 @@ def _fuse_qkv():
         _expect_shape(qkv, ((heads + 2 * groups) * d, *tail), "linear_qkv", ctx)
         per_group = heads // groups
         grouped = qkv.reshape(groups, (per_group + 2) * d, *tail)
-        q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
+        q, k, v = split(grouped, [per_group * d, d, d], dim=1)
         return [
             q.reshape(heads * d, *tail).contiguous(),
             k.reshape(groups * d, *tail).contiguous(),
@@ -190,12 +200,12 @@ def _fuse_gate_up():
 
     def checked(ts, ctx):
         gate, up = ts
-        if gate.shape != up.shape:
+        if tuple(gate.shape) != tuple(up.shape):
             raise ctx.fail(f"gate {list(gate.shape)} and up {list(up.shape)} differ in shape")
         return gate, up
 
     def forward(ts, ctx):
-        return [torch.cat(checked(ts, ctx), dim=ctx.params.get("dim", 0))]
+        return [cat(list(checked(ts, ctx)), dim=ctx.params.get("dim", 0))]
 
     def forward_rows(ts, ctx):
         if ctx.params.get("dim", 0) != 0:  # stacked experts fuse along dim 1: not a row concatenation
@@ -207,7 +217,7 @@ def _fuse_gate_up():
         dim = ctx.params.get("dim", 0)
         if fc1.shape[dim] % 2:
             raise ctx.fail(f"linear_fc1 has odd size {fc1.shape[dim]} on dim {dim}")
-        gate, up = torch.chunk(fc1, 2, dim=dim)
+        gate, up = chunk(fc1, 2, dim=dim)
         return [gate.contiguous(), up.contiguous()]
 
     return forward, inverse, forward_rows
@@ -272,7 +282,7 @@ def _unstack():
         return [RowBlocks([t.reshape(1, *t.shape) for t in ts], (len(ts), *ts[0].shape))]
 
     def inverse(ts, ctx):
-        return [torch.stack(ts, dim=0)]
+        return [stack(list(ts))]
 
     return forward, inverse, None, inverse_rows
 
@@ -283,7 +293,7 @@ def _fuse_gate_up_split_experts():
 
     def forward_rows(ts, ctx):
         gate, up = ts
-        if gate.shape != up.shape or gate.ndim != 3:
+        if tuple(gate.shape) != tuple(up.shape) or gate.ndim != 3:
             raise ctx.fail(f"expected stacked gate/up [E, F, H] of equal shape, got {list(gate.shape)} and {list(up.shape)}")
         return [RowBlocks([g, u]) for g, u in zip(gate.unbind(0), up.unbind(0))]
 
@@ -291,7 +301,7 @@ def _fuse_gate_up_split_experts():
         return [rows.materialize() for rows in forward_rows(ts, ctx)]
 
     def inverse_rows(ts, ctx):
-        pairs = [torch.chunk(fc1, 2, dim=0) for fc1 in ts]
+        pairs = [chunk(fc1, 2, dim=0) for fc1 in ts]
         stacked = (len(pairs), *pairs[0][0].shape)
         return [RowBlocks([g for g, _ in pairs], stacked), RowBlocks([u for _, u in pairs], stacked)]
 

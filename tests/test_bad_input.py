@@ -313,14 +313,12 @@ def _missing_data_file(ckpt, tmp):
 
 def _missing_tensors(ckpt, tmp):
     """The metadata no longer lists one vision tensor."""
-    import pickle
-
-    from ckptconv.torch_dist import DistCheckpointReader
+    from ckptconv.torch_dist import DistCheckpointReader, dcp_metadata_pickle
 
     bad = Path(shutil.copytree(ckpt, tmp / "missing"))
     metadata = DistCheckpointReader(bad).metadata
-    del metadata.state_dict_metadata["visual.merger.mlp.2.bias"]
-    (bad / "release" / ".metadata").write_bytes(pickle.dumps(metadata))
+    del metadata.entries["visual.merger.mlp.2.bias"]
+    (bad / "release" / ".metadata").write_bytes(dcp_metadata_pickle(metadata))
     return bad, "not a complete qwen2_5_vl checkpoint of this config: 1 tensor(s) missing, e.g. visual.merger.mlp.2.bias"
 
 

@@ -19,8 +19,7 @@ remote-code config (``moe_layers_enum``, ``attention_other_setting``, per-layer 
 
 from __future__ import annotations
 
-import torch
-
+from ckptconv.array import split
 from ckptconv.errors import ConversionError
 from ckptconv.spec import ModelSpec
 from ckptconv.transforms import RowBlocks, TransformContext, _attention_geometry, _expect_shape, register
@@ -226,7 +225,7 @@ def _fuse_qkv_gate():
         tail = tuple(qkvg.shape[1:])
         _expect_shape(qkvg, (groups * (per_group * (d + 1) + 2 * d), *tail), "linear_qkv (with gate)", ctx)
         grouped = qkvg.reshape(groups, per_group * (d + 1) + 2 * d, *tail)
-        q, g, k, v = torch.split(grouped, [per_group * d, per_group, d, d], dim=1)
+        q, g, k, v = split(grouped, [per_group * d, per_group, d, d], dim=1)
         return [
             q.reshape(heads * d, *tail).contiguous(),
             k.reshape(groups * d, *tail).contiguous(),

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ckptconv.errors import ConversionError
-from ckptconv.torch_dist import DistCheckpointReader, resolve_checkpoint_dir
+from ckptconv.torch_dist import CheckpointMetadata, DistCheckpointReader, TensorMeta, resolve_checkpoint_dir
 
 EMBEDDING_KEY = "language_model.embedding.word_embeddings.weight"
 
@@ -55,19 +55,15 @@ def find_sidecar(ckpt: str | Path, name: str) -> Path | None:
     return None
 
 
-def checkpoint_metadata(ckpt: str | Path):
+def checkpoint_metadata(ckpt: str | Path) -> CheckpointMetadata:
     """torch.distributed.checkpoint metadata: keys, global shapes, chunks (no process group needed),
     read with the restricted unpickler (a checkpoint's .metadata is a pickle)."""
     return DistCheckpointReader(Path(ckpt)).metadata
 
 
 def checkpoint_tensor_shapes(ckpt: str | Path) -> dict[str, tuple[int, ...]]:
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     meta = checkpoint_metadata(ckpt)
-    return {
-        k: tuple(v.size) for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
-    }
+    return {k: tuple(v.size) for k, v in meta.entries.items() if isinstance(v, TensorMeta)}
 
 
 def padded_vocab_size(ckpt: str | Path, tp: int = 1) -> int:

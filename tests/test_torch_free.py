@@ -1,0 +1,137 @@
+"""Conversion moves bytes, so it runs without torch: the formats torch would write, written by us.
+
+These specify that our hand-written pickles are what torch writes (byte for byte for chunk
+archives; object for object for DCP's ``.metadata``), that Arrays carry every checkpoint dtype
+bit-exactly, and that a conversion process never imports torch unless a dtype cast needs it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ckptconv.array import DTYPES, Array, cat
+from ckptconv.pickles import tensor_data_pkl
+from ckptconv.torch_save_format import _TRAILER_RECORDS, object_bytes, read_tensor, write_tensor
+
+
+class _Records:
+    """Captures the records ``torch.serialization._save`` writes."""
+
+    def __init__(self):
+        self.records = {}
+
+    def write_record(self, name, data, nbytes):
+        self.records[name] = bytes(data) if isinstance(data, (bytes, bytearray)) else data
+
+    def write_record_metadata(self, name, nbytes):
+        self.records[name] = None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.torch_name)
+@pytest.mark.parametrize("shape", [(), (7,), (3, 4), (2, 3, 4, 5), (300, 70000)])
+def test_chunk_data_pkl_is_byte_identical_to_torch_save(dtype, shape):
+    records = _Records()
+    tensor = torch.empty(shape, dtype=getattr(torch, dtype.torch_name))
+    torch.serialization._save(tensor, records, pickle, 2, _disable_byteorder_record=False)
+    assert tensor_data_pkl(dtype, shape) == records.records["data.pkl"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.torch_name)
+def test_every_dtype_round_trips_bit_exactly_through_arrays_and_archives(dtype):
+    source = (torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) * 1.37 - 9).to(getattr(torch, dtype.torch_name))
+    array = Array.from_torch(source)
+    assert array.dtype == dtype and array.shape == (2, 3, 4)
+    buffer = io.BytesIO()
+    write_tensor(buffer, array)
+    via_torch = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    via_us = read_tensor(bytearray(buffer.getvalue())).to_torch()
+    for loaded in (via_torch, via_us):
+        assert loaded.dtype == source.dtype
+        assert torch.equal(loaded.view(torch.uint8), source.view(torch.uint8))
+
+
+def test_objects_are_archived_as_torch_save_does():
+    for obj in ([None], {}):
+        assert torch.load(io.BytesIO(object_bytes(obj)), weights_only=True) == obj
+    assert dict(_TRAILER_RECORDS)["version"] == b"3\n"
+
+
+def test_metadata_loads_in_torch_as_the_metadata_dcp_itself_would_pickle(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    from ckptconv.torch_dist import DistCheckpointWriter, read_dcp_metadata, write_metadata
+
+    writer = DistCheckpointWriter(tmp_path)
+    weight = torch.randn(2, 6, 4).to(torch.bfloat16)
+    for layer in range(2):
+        writer.write_chunk("w", (2, 6, 4), (layer, 0, 0), weight[layer:layer + 1])
+    writer.write_object("w_extra/shard_0_1", [None])
+    index = writer.close()
+    write_metadata(tmp_path, [index])
+
+    loaded = FileSystemReader(str(tmp_path)).read_metadata()
+    expected = Metadata(
+        state_dict_metadata={
+            "w": TensorStorageMetadata(
+                properties=TensorProperties(dtype=torch.bfloat16), size=torch.Size([2, 6, 4]),
+                chunks=[ChunkStorageMetadata(offsets=torch.Size([layer, 0, 0]), sizes=torch.Size([1, 6, 4])) for layer in range(2)],
+            ),
+            "w_extra/shard_0_1": BytesStorageMetadata(),
+        },
+        planner_data=None,
+        storage_data={
+            MetadataIndex(fqn, None if offsets is None else torch.Size(offsets)): _StorageInfo(info.relative_path, info.offset, info.length)
+            for (fqn, offsets), info in index.storage.items()
+        },
+        storage_meta=StorageMeta(checkpoint_id=None, save_id="ckptconv"),
+    )
+    assert loaded.state_dict_metadata == expected.state_dict_metadata
+    assert loaded.storage_data == expected.storage_data
+    assert loaded.storage_meta.save_id == "ckptconv"
+    # ... and our own reader reads back what DCP's pickle (of the real classes) says.
+    (tmp_path / "dcp.metadata").write_bytes(pickle.dumps(expected))
+    ours = read_dcp_metadata(tmp_path / "dcp.metadata")
+    assert ours.entries["w"].size == (2, 6, 4) and ours.entries["w"].dtype == torch.bfloat16
+    assert ours.storage == index.storage
+
+
+def test_meta_arrays_have_shapes_and_no_memory():
+    huge = Array.empty_meta((1 << 20, 1 << 16), DTYPES[3])  # 128 GiB if it were real
+    rows = cat([huge[:10], huge[:5]], dim=0).reshape(3, 5, 1 << 16)
+    assert rows.shape == (3, 5, 1 << 16) and rows.meta and set(rows.raw.strides) == {0}  # one element behind it
+    assert huge.t().contiguous().shape == (1 << 16, 1 << 20)
+
+
+def _modules_after(argv: list[str]) -> set[str]:
+    code = (
+        "import sys, json\n"
+        "from ckptconv.cli import main\n"
+        f"sys.argv = ['ckptconv', *{argv!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))), file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return set(json.loads(result.stderr.strip().splitlines()[-1]))
+
+
+def test_converting_either_way_never_imports_torch(tiny_qwen, tmp_path):
+    """torch alone takes longer to import than a 3 GB model takes to convert (docs/benchmarks.md)."""
+    assert _modules_after(["hf-to-mcore", str(tiny_qwen), str(tmp_path / "mcore"), "--tp", "2", "--json"]) == set()
+    assert _modules_after(["mcore-to-hf", str(tmp_path / "mcore"), str(tmp_path / "hf"), "--json"]) == set()
+
+
+def test_a_dtype_cast_is_the_one_place_torch_is_needed(tiny_qwen, tmp_path):
+    assert "torch" in _modules_after(["hf-to-mcore", str(tiny_qwen), str(tmp_path / "bf16"), "--dtype", "bf16", "--json"])
