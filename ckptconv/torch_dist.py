@@ -30,8 +30,10 @@ from pathlib import Path
 from ckptconv.array import BY_TORCH_NAME, Array, DType, dtype_of
 from ckptconv.errors import ConversionError
 from ckptconv.manifest import checksum_bytes, new_checksum
+from ckptconv.pages import register_mapping
 from ckptconv.pickles import Call, Global, Obj, dumps
 from ckptconv.torch_save_format import object_bytes, read_object, read_tensor, write_tensor
+from ckptconv.transforms import RowBlocks
 
 MEGATRON_METADATA = {
     "sharded_backend": "torch_dist",
@@ -469,7 +471,10 @@ class DistCheckpointReader:
         start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
         region = mmap.mmap(handle.fileno(), info.offset + info.length - start, flags=mmap.MAP_PRIVATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        return memoryview(region)[info.offset - start:]
+        view = memoryview(region)
+        # Writers copy bytes that are still this file range from the file itself (pages.py).
+        register_mapping(region, Array.frombuffer(view, BY_TORCH_NAME["uint8"], (len(view),)).data_ptr(), handle.fileno(), start)
+        return view[info.offset - start:]
 
     def read(self, key: str, axis_index: tuple[int, ...] = ()) -> Array:
         """The tensor at ``axis_index`` on the leading (layer / expert) axes, assembled from every
@@ -483,6 +488,11 @@ class DistCheckpointReader:
             chunk = covering[0]
             data = self._load_chunk(key, chunk)
             return data[tuple(i - o for i, o in zip(axis_index, chunk.offsets))] if n_axes else data
+        pieces = sorted(covering, key=lambda c: c.offsets[n_axes] if wanted else 0)
+        if len(pieces) > 1 and wanted and _tile_rows(pieces, n_axes, wanted):
+            # Split along rows only (a SwiGLU fc1's gate and up chunks, column-parallel TP):
+            # hand the chunks on as row blocks instead of copying them into one tensor.
+            return RowBlocks([self._load_chunk(key, c)[tuple(i - o for i, o in zip(axis_index, c.offsets))] for c in pieces])
         out = Array.zeros(wanted, md.dtype)
         filled = 0
         for chunk in covering:
@@ -514,3 +524,13 @@ class DistCheckpointReader:
         for handle in self._files.values():
             handle.close()
         self._files.clear()
+
+
+def _tile_rows(chunks: list[ChunkMeta], n_axes: int, wanted: tuple[int, ...]) -> bool:
+    """Do ``chunks`` (sorted by row) cover ``wanted`` row after row, each spanning whole rows?"""
+    row = 0
+    for chunk in chunks:
+        if tuple(chunk.sizes[n_axes + 1:]) != tuple(wanted[1:]) or chunk.offsets[n_axes] != row:
+            return False
+        row += chunk.sizes[n_axes]
+    return row == wanted[0]

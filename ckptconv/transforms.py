@@ -79,6 +79,34 @@ class RowBlocks:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def _plain_rows(self) -> bool:
+        """True when ``shape`` is the parts stacked row after row (no other view of them)."""
+        return self.shape == (sum(p.shape[0] for p in self.parts), *self.parts[0].shape[1:])
+
+    def __getitem__(self, index):
+        """A row slice stays blocks (one block comes back as itself, e.g. the gate half of a
+        SwiGLU fc1 read from its two chunks); any other index reads the materialized tensor."""
+        rows = index[0] if isinstance(index, tuple) and len(index) == 1 else index
+        if isinstance(rows, slice) and rows.step in (None, 1) and self._plain_rows():
+            start, stop, _ = rows.indices(self.shape[0])
+            picked = self.narrow_rows(start, max(stop - start, 0))
+            return picked.parts[0] if len(picked.parts) == 1 else picked
+        return self.materialize()[index]
+
+    def contiguous(self) -> "RowBlocks":
+        return self  # each part is made contiguous when it is written
+
+    def reshape(self, *shape):
+        return self.materialize().reshape(*shape)
+
+    def to_torch(self):
+        whole = self.materialize()
+        return whole.to_torch() if hasattr(whole, "to_torch") else whole
+
     def is_floating_point(self) -> bool:
         return self.dtype.is_floating_point
 
