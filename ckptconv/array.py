@@ -14,6 +14,8 @@ transform on them before writing anything, to check shapes, as it would with tor
 
 from __future__ import annotations
 
+import mmap
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,23 +88,49 @@ def dtype_of(dtype) -> DType:
         raise ValueError(f"unsupported dtype {dtype}") from None
 
 
+class FileBacking:
+    """A private mapping of a file range that arrays are views of.
+
+    Arrays made from it carry it along (views keep it; copies are simply no longer inside it), so
+    a writer can tell that an array's bytes are still exactly a range of the file and copy them
+    file to file (``pages.file_range``). It holds the mapping alive and its own descriptor of the
+    file, so neither can be reused for something else while an array still points here.
+    """
+
+    __slots__ = ("region", "address", "length", "fd", "file_offset")
+
+    def __init__(self, region: mmap.mmap, fd: int, file_offset: int):
+        self.region = region
+        probe = np.frombuffer(region, dtype=np.uint8)
+        self.address, self.length = probe.__array_interface__["data"][0], len(region)
+        del probe
+        self.fd = os.dup(fd)
+        self.file_offset = file_offset
+        """Offset in the file of the mapping's first byte."""
+
+    def __del__(self):
+        os.close(self.fd)
+
+
 class Array:
     """A tensor of ``dtype`` whose bits are the numpy array ``raw`` (a view wherever possible)."""
 
-    __slots__ = ("raw", "dtype", "meta")
+    __slots__ = ("raw", "dtype", "meta", "backing")
 
-    def __init__(self, raw: np.ndarray, dtype: DType, meta: bool = False):
+    def __init__(self, raw: np.ndarray, dtype: DType, meta: bool = False, backing: FileBacking | None = None):
         if raw.dtype.itemsize != dtype.itemsize:
             raise ValueError(f"{raw.dtype} cannot hold {dtype}")
-        self.raw, self.dtype, self.meta = raw, dtype, meta
+        self.raw, self.dtype, self.meta, self.backing = raw, dtype, meta, backing
 
     # -- making arrays ------------------------------------------------------------------------
     @classmethod
-    def frombuffer(cls, buffer, dtype: DType, shape: tuple[int, ...], offset: int = 0) -> "Array":
+    def frombuffer(cls, buffer, dtype: DType, shape: tuple[int, ...], offset: int = 0,
+                   backing: FileBacking | None = None) -> "Array":
         count = 1
         for d in shape:
             count *= d
-        return cls(np.frombuffer(buffer, dtype=dtype.raw, count=count, offset=offset).reshape(shape), dtype)
+        raw = np.frombuffer(buffer, dtype=dtype.raw, count=count, offset=offset).reshape(shape)
+        return cls(raw, dtype, backing=backing)
 
     @classmethod
     def empty_meta(cls, shape: tuple[int, ...], dtype: DType) -> "Array":
@@ -152,7 +180,7 @@ class Array:
         return self.dtype.is_floating_point
 
     def _like(self, raw: np.ndarray) -> "Array":
-        return Array(raw, self.dtype, self.meta)
+        return Array(raw, self.dtype, self.meta, self.backing)
 
     def __getitem__(self, index) -> "Array":
         return self._like(self.raw[index])
@@ -193,6 +221,17 @@ class Array:
 
     def data_ptr(self) -> int:
         return self.raw.__array_interface__["data"][0]
+
+    def file_range(self) -> tuple[int, int] | None:
+        """(fd, offset) when this array's bytes are, unchanged and contiguous, a range of the file
+        it was mapped from; else None."""
+        backing = self.backing
+        if backing is None or self.meta or not self.raw.flags.c_contiguous or self.nbytes == 0:
+            return None
+        start = self.data_ptr()
+        if backing.address <= start and start + self.nbytes <= backing.address + backing.length:
+            return backing.fd, backing.file_offset + (start - backing.address)
+        return None
 
     def bytes_view(self) -> memoryview:
         """The bytes of a contiguous array, without a copy."""

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from ckptconv.errors import ConversionError
 
@@ -23,8 +22,22 @@ app = typer.Typer(
     help="Convert vision-language checkpoints between Hugging Face safetensors and Megatron-Core "
     "torch_dist, and prove the conversion is right. Families: Qwen2.5-VL, ERNIE-4.5-VL-MoE, Step3.7.",
 )
-stdout = Console()
-stderr = Console(stderr=True)
+class _LazyConsole:
+    """A rich Console made on first use: runs that print JSON never import rich."""
+
+    def __init__(self, **options):
+        self._options, self._console = options, None
+
+    def print(self, *args, **kwargs) -> None:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        self._console.print(*args, **kwargs)
+
+
+stdout = _LazyConsole()
+stderr = _LazyConsole(stderr=True)
 
 
 class DType(str, Enum):
@@ -78,6 +91,7 @@ def hf_to_mcore(
     dtype: DType = typer.Option(DType.auto, "--dtype", help="Parameter dtype in the checkpoint; auto keeps each tensor's source dtype (needed for a bit-exact round trip)."),
     vocab_multiple: int = typer.Option(128, "--make-vocab-size-divisible-by", help="Megatron pads the vocabulary to a multiple of this times --tp (zeros, dropped on export)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only after the new checkpoint is complete)."),
+    io_threads: int = typer.Option(4, "--io-threads", min=1, help="Writer threads per process (per torchrun rank), each appending to its own __<rank>_<n>.distcp file; copies run in parallel."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (every HF key -> Megatron key and transform) and write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or the dry-run plan) as JSON instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
@@ -107,7 +121,7 @@ def hf_to_mcore(
                 stdout.print(table)
             return
         summary = convert_hf_to_mcore(
-            src, out, tp=tp, pp=pp, ep=ep, etp=etp, dtype=dtype.value, force=force,
+            src, out, tp=tp, pp=pp, ep=ep, etp=etp, dtype=dtype.value, force=force, io_threads=io_threads,
             make_vocab_size_divisible_by=vocab_multiple, progress=not as_json and sys.stderr.isatty(),
         )
         _print_summary(summary, as_json)

@@ -187,6 +187,7 @@ def convert_hf_to_mcore(
     force: bool = False,
     make_vocab_size_divisible_by: int = 128,
     progress: bool = False,
+    io_threads: int = 4,
 ) -> Summary:
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -207,7 +208,7 @@ def convert_hf_to_mcore(
         if rank == 0:
             release.mkdir()
         distributed.barrier()
-        writer = DistCheckpointWriter(release, rank=rank)
+        writer = DistCheckpointWriter(release, rank=rank, lanes=io_threads)
         error = None
         try:
             with make_progress(progress and rank == 0) as bar:

@@ -7,9 +7,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
+# rich is imported where a table or a bar is drawn: a --json run never draws one, and the import
+# is a measurable part of converting a small model.
 
 
 def peak_rss_bytes() -> int:
@@ -52,7 +51,9 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def summary_table(summary: Summary) -> Table:
+def summary_table(summary: Summary):
+    from rich.table import Table
+
     table = Table(title=f"ckptconv {summary.command}: {summary.family}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -75,7 +76,28 @@ def summary_table(summary: Summary) -> Table:
     return table
 
 
-def make_progress(enabled: bool) -> Progress:
+class _NoProgress:
+    """What ``make_progress(False)`` returns: the same calls, drawing nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def advance(self, *args, **kwargs) -> None:
+        pass
+
+
+def make_progress(enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -84,5 +106,4 @@ def make_progress(enabled: bool) -> Progress:
         TimeRemainingColumn(),
         console=Console(file=sys.stderr),
         transient=True,
-        disable=not enabled,
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ckptconv.array import DType, dtype_of
 from ckptconv.errors import ConversionError
-from ckptconv.pages import write_tensor_bytes
+from ckptconv.pages import OutputFile, write_tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class ShardWriter:
     def __init__(self, directory: Path, shard: Shard):
         self.shard = shard
         self.path = Path(directory) / shard.file_name
-        self._file = open(self.path, "wb")
+        self._file = OutputFile(self.path)
         self._file.write(_header(shard))
         self._next = 0
         self.bytes_written = 0
@@ -103,8 +103,7 @@ class ShardWriter:
         return self._next == len(self.shard.tensors)
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        self._file.close()
         if not self.complete:
             missing = [t.name for t in self.shard.tensors[self._next:]]
             raise ConversionError(f"{self.path.name}: {len(missing)} tensor(s) never written, e.g. {missing[0]}")

@@ -21,9 +21,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptconv.array import BY_SAFETENSORS, Array, DType
+from ckptconv.array import BY_SAFETENSORS, Array, DType, FileBacking
 from ckptconv.errors import ConversionError
-from ckptconv.pages import register_mapping
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -68,10 +67,9 @@ class HFCheckpoint:
         # writes never reach the file.
         region = mmap.mmap(handle.fileno(), info.offset + info.nbytes - start, flags=mmap.MAP_PRIVATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        tensor = Array.frombuffer(region, info.array_dtype, info.shape, offset=info.offset - start)
-        # Writers stream bytes that are still this file range from the file itself (pages.py).
-        register_mapping(region, tensor.data_ptr() - (info.offset - start), handle.fileno(), start)
-        return tensor
+        # The backing lets writers copy bytes that are still this file range file to file (pages.py).
+        return Array.frombuffer(region, info.array_dtype, info.shape, offset=info.offset - start,
+                                backing=FileBacking(region, handle.fileno(), start))
 
     def sidecar_files(self) -> list[Path]:
         """Config, tokenizer and processor files to carry along (never weights or the index)."""

@@ -27,10 +27,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptconv.array import BY_TORCH_NAME, Array, DType, dtype_of
+from ckptconv.array import BY_TORCH_NAME, Array, DType, FileBacking, dtype_of
 from ckptconv.errors import ConversionError
-from ckptconv.manifest import checksum_bytes, new_checksum
-from ckptconv.pages import register_mapping
+from ckptconv.manifest import checksum_bytes
+from ckptconv.pages import OutputFile
 from ckptconv.pickles import Call, Global, Obj, dumps
 from ckptconv.torch_save_format import object_bytes, read_object, read_tensor, write_tensor
 from ckptconv.transforms import RowBlocks
@@ -95,63 +95,56 @@ class LocalIndex:
     bytes_written: int = 0
 
 
-class _HashingFile:
-    """The data file as torch.save sees it: every write is checksummed and counted on the way."""
+class _Lane:
+    """One writer thread and the ``.distcp`` file it appends to."""
 
     def __init__(self, path: Path):
-        self._file = open(path, "wb")
-        self.checksum = new_checksum()
-        self.offset = 0
-
-    def write(self, data) -> int:
-        view = memoryview(data)
-        self._file.write(view)
-        self.checksum.update(view)
-        self.offset += view.nbytes
-        return view.nbytes
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
+        self.file_name = path.name
+        self.file = OutputFile(path, checksum=True)
+        self.queue: queue.Queue = queue.Queue()
+        self.assigned = 0
+        """Bytes handed to this lane so far (balances the lanes)."""
+        self.storage: dict[StorageKey, StorageInfo] = {}
+        self.thread: threading.Thread | None = None
 
 
 class DistCheckpointWriter:
-    """Appends chunks to ``__<rank>_0.distcp``.
+    """Appends chunks to ``__<rank>_<lane>.distcp``, one file per writer lane.
 
-    The caller (reading and transforming HF tensors) hands each chunk over and moves on; a
-    background thread serializes and writes it, so reading the next tensor overlaps with writing
-    this one. The hand-over is bounded in bytes, which bounds memory by a few tensors, not the model.
+    The caller (reading and transforming HF tensors) hands each chunk over and moves on; writer
+    threads serialize and write them, so reading the next tensor overlaps with writing this one.
+    Several lanes write in parallel (each to its own file, the layout DCP itself writes with
+    ``thread_count > 1``): a kernel file-to-file copy keeps one core busy, and a second one roughly
+    doubles the throughput on a warm page cache (docs/benchmarks.md). The hand-over is bounded in
+    bytes, which bounds memory by a few tensors, not the model.
     """
 
-    def __init__(self, directory: Path, rank: int = 0, max_queued_bytes: int = 256 * 1024 * 1024):
+    def __init__(self, directory: Path, rank: int = 0, max_queued_bytes: int = 256 * 1024 * 1024, lanes: int = 2):
         self.directory = Path(directory)
-        self.file_name = f"__{rank}_0.distcp"
         self.index = LocalIndex()
-        self._file = _HashingFile(self.directory / self.file_name)
-        self._queue: queue.Queue = queue.Queue()
+        self._lanes = [_Lane(self.directory / f"__{rank}_{i}.distcp") for i in range(max(1, lanes))]
         self._queued_bytes = 0
         self._max_queued_bytes = max_queued_bytes
         self._space = threading.Condition()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name="ckptconv-writer", daemon=True)
-        self._thread.start()
+        for i, lane in enumerate(self._lanes):
+            lane.thread = threading.Thread(target=self._drain, args=(lane,), name=f"ckptconv-writer-{i}", daemon=True)
+            lane.thread.start()
 
-    def _drain(self) -> None:
+    def _drain(self, lane: _Lane) -> None:
         while True:
-            job = self._queue.get()
+            job = lane.queue.get()
             if job is None:
                 return
             index, payload, size = job
             if self._error is None:
                 try:
-                    start = self._file.offset
+                    start = lane.file.offset
                     if isinstance(payload, bytes):
-                        self._file.write(payload)
+                        lane.file.write(payload)
                     else:
-                        write_tensor(self._file, *payload)
-                    self.index.storage[index] = StorageInfo(self.file_name, start, self._file.offset - start)
+                        write_tensor(lane.file, *payload)
+                    lane.storage[index] = StorageInfo(lane.file_name, start, lane.file.offset - start)
                 except BaseException as exc:  # disk full etc.: surfaced on the next write / close
                     self._error = exc
             del payload
@@ -160,19 +153,21 @@ class DistCheckpointWriter:
                 self._space.notify_all()
 
     def wait_for_room(self, size: int) -> None:
-        """Block while the queue holds work and ``size`` more bytes would exceed the bound."""
+        """Block while the queues hold work and ``size`` more bytes would exceed the bound."""
         with self._space:
             while self._queued_bytes > 0 and self._queued_bytes + size > self._max_queued_bytes:
                 self._space.wait()
 
     def _submit(self, index: StorageKey, payload) -> None:
         if self._error is not None:
-            raise ConversionError(f"writing {self.directory / self.file_name} failed: {self._error}")
+            raise ConversionError(f"writing {self.directory} failed: {self._error}")
         size = payload[0].nbytes if isinstance(payload, tuple) else len(payload)
         self.wait_for_room(size)
         with self._space:
             self._queued_bytes += size
-        self._queue.put((index, payload, size))
+        lane = min(self._lanes, key=lambda lane: lane.assigned)
+        lane.assigned += size
+        lane.queue.put((index, payload, size))
 
     def write_chunk(self, key: str, global_shape: tuple[int, ...], offsets: tuple[int, ...], chunk,
                     shape: tuple[int, ...] | None = None) -> None:
@@ -198,21 +193,31 @@ class DistCheckpointWriter:
         self._submit((fqn, None), object_bytes(obj))
 
     def _stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self._file.close()
+        for lane in self._lanes:
+            lane.queue.put(None)
+        for lane in self._lanes:
+            lane.thread.join()
 
     def close(self) -> LocalIndex:
         self._stop()
-        if self._error is not None:
-            raise ConversionError(f"writing {self.directory / self.file_name} failed: {self._error}")
-        self.index.bytes_written = self._file.offset
-        self.index.file_hashes[self.file_name] = self._file.checksum.hexdigest()
+        try:
+            if self._error is not None:
+                raise self._error
+            digests = [lane.file.close() for lane in self._lanes]
+        except BaseException as exc:
+            self.abort()
+            raise ConversionError(f"writing {self.directory} failed: {exc}") from None
+        for lane, digest in zip(self._lanes, digests):
+            self.index.storage.update(lane.storage)
+            self.index.file_hashes[lane.file_name] = digest
+            self.index.bytes_written += lane.file.offset
         return self.index
 
     def abort(self) -> None:
         self._error = self._error or RuntimeError("aborted")
         self._stop()
+        for lane in self._lanes:
+            lane.file.abort()
 
 
 def write_metadata(directory: Path, parts: list[LocalIndex]) -> dict[str, str]:
@@ -454,7 +459,7 @@ class DistCheckpointReader:
             raise ConversionError(f"{self.directory}: checkpoint has no tensor {key}")
         return md
 
-    def _map_chunk(self, index: StorageKey) -> memoryview:
+    def _map_chunk(self, index: StorageKey) -> tuple[memoryview, FileBacking]:
         """The chunk's bytes, mapped privately (no copy; gone when the last array using them is)."""
         try:
             info = self.metadata.storage[index]
@@ -471,10 +476,8 @@ class DistCheckpointReader:
         start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
         region = mmap.mmap(handle.fileno(), info.offset + info.length - start, flags=mmap.MAP_PRIVATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        view = memoryview(region)
-        # Writers copy bytes that are still this file range from the file itself (pages.py).
-        register_mapping(region, Array.frombuffer(view, BY_TORCH_NAME["uint8"], (len(view),)).data_ptr(), handle.fileno(), start)
-        return view[info.offset - start:]
+        # The backing lets writers copy bytes that are still this file range file to file (pages.py).
+        return memoryview(region)[info.offset - start:], FileBacking(region, handle.fileno(), start)
 
     def read(self, key: str, axis_index: tuple[int, ...] = ()) -> Array:
         """The tensor at ``axis_index`` on the leading (layer / expert) axes, assembled from every
@@ -507,7 +510,7 @@ class DistCheckpointReader:
 
     def _load_chunk(self, key: str, chunk: ChunkMeta) -> Array:
         try:
-            data = read_tensor(self._map_chunk((key, chunk.offsets)))
+            data = read_tensor(*self._map_chunk((key, chunk.offsets)))
         except ValueError as exc:
             raise ConversionError(f"{self.directory}: chunk of {key} at {list(chunk.offsets)} is unreadable: {exc}") from None
         if data.shape != tuple(chunk.sizes) or data.dtype != self.dtype(key):
@@ -518,7 +521,7 @@ class DistCheckpointReader:
     def read_object(self, fqn: str):
         if not isinstance(self.entries.get(fqn), BytesMeta):
             raise ConversionError(f"{self.directory}: checkpoint has no object {fqn}")
-        return read_object(self._map_chunk((fqn, None)))
+        return read_object(self._map_chunk((fqn, None))[0])
 
     def close(self) -> None:
         for handle in self._files.values():

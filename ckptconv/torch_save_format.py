@@ -24,25 +24,26 @@ from numpy.lib.stride_tricks import as_strided
 
 from ckptconv import pickles
 from ckptconv.array import BY_STORAGE, BY_TORCH_NAME, Array, as_array, cat
-from ckptconv.pages import write_tensor_bytes
+from ckptconv.pages import file_range, write_tensor_bytes
 
 ARCHIVE = "archive"
 ALIGNMENT = 64
+PAGE = 4096
 _ZIP32_LIMIT = 0xFFFFFFFF - (1 << 20)
 # What torch.save writes around data.pkl and the storages (serialization format 3); the id is opaque.
 _HEAD_RECORDS = ((".format_version", b"1"), (".storage_alignment", str(ALIGNMENT).encode()), ("byteorder", b"little"))
 _TRAILER_RECORDS = (("version", b"3\n"), (".data/serialization_id", b"0" * 40))
 
 
-def _local_header(name: bytes, size: int, data_offset_if_no_extra: int) -> tuple[bytes, int]:
-    """Local file header with an extra field that pads the data start to ALIGNMENT."""
+def _local_header(name: bytes, size: int, offset: int, modulus: int = ALIGNMENT, remainder: int = 0) -> bytes:
+    """Local file header at ``offset`` whose extra field pads the data start to ``remainder``
+    modulo ``modulus`` (torch pads to 64; we may pad further, see :func:`write_tensor`)."""
     base = 30 + len(name)
-    pad = (-(data_offset_if_no_extra + base + 4)) % ALIGNMENT
+    pad = (remainder - (offset + base + 4)) % modulus
     extra = struct.pack("<HH", 0x4246, pad) + b"\0" * pad  # "FB": torch's own padding field id
-    header = struct.pack(
+    return struct.pack(
         "<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, 0, size, size, len(name), len(extra)
     ) + name + extra
-    return header, len(extra)
 
 
 def _central_entry(name: bytes, size: int, offset: int) -> bytes:
@@ -55,9 +56,11 @@ def _write_archive(file, records: list[tuple[str, object, int]]) -> None:
     """Write a stored zip of ``(name, bytes or list of tensor parts, size)`` records."""
     position = 0
     directory = []
+    archive_start = getattr(file, "offset", None)
     for name, payload, size in records:
         full_name = f"{ARCHIVE}/{name}".encode()
-        header, _ = _local_header(full_name, size, position)
+        remainder = None if isinstance(payload, bytes) else _congruent_remainder(archive_start, payload[0])
+        header = _local_header(full_name, size, position, *((PAGE, remainder) if remainder is not None else ()))
         file.write(header)
         directory.append(_central_entry(full_name, size, position))
         position += len(header)
@@ -70,6 +73,17 @@ def _write_archive(file, records: list[tuple[str, object, int]]) -> None:
     central = b"".join(directory)
     file.write(central)
     file.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(records), len(records), len(central), position, 0))
+
+
+def _congruent_remainder(archive_start: int | None, first_part) -> int | None:
+    """Where (mod PAGE, relative to the archive start) the storage should begin so that its bytes
+    sit at the same offset within a page as in the source file they are copied from: the kernel
+    then copies whole pages, measured 15 % faster than unaligned ranges (docs/benchmarks.md).
+    None when the first part is not a source file range."""
+    source = file_range(first_part)
+    if archive_start is None or source is None:
+        return None
+    return (source[1] - archive_start) % PAGE
 
 
 def write_tensor(file, tensor, shape: tuple[int, ...] | None = None) -> None:
@@ -193,15 +207,17 @@ def read_archive(buffer):
     return _ArchiveUnpickler(bytes(view[offset:offset + size]), view, records).load()
 
 
-def read_tensor(buffer) -> Array:
-    """The tensor a chunk archive holds. Archives this parser does not understand (not a stored
-    zip, other pickled types) go through ``torch.load(weights_only=True)``."""
+def read_tensor(buffer, backing=None) -> Array:
+    """The tensor a chunk archive holds; ``backing``: the file mapping ``buffer`` lies in, if any
+    (so writers can copy its bytes file to file). Archives this parser does not understand (not a
+    stored zip, other pickled types) go through ``torch.load(weights_only=True)``."""
     try:
         tensor = read_archive(buffer)
     except (ValueError, struct.error, pickle.UnpicklingError, KeyError):
         return as_array(_torch_load(buffer))
     if not isinstance(tensor, Array):
         raise ValueError(f"chunk holds a {type(tensor).__name__}, not a tensor")
+    tensor.backing = backing
     return tensor
 
 

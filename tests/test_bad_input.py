@@ -218,29 +218,27 @@ def test_force_replaces_output_only_after_success(tiny_qwen, tmp_path):
 
 def test_disk_full_mid_write_leaves_nothing_behind(tiny_qwen, tmp_path, monkeypatch):
     """The writer thread hits ENOSPC: one line, exit non-zero, no output and no staging directory."""
-    import ckptconv.torch_dist as torch_dist
+    from ckptconv.pages import OutputFile
 
-    real_open = open
     budget = {"bytes": 200_000}
+    real_write_all, real_copy_range = OutputFile._write_all, OutputFile.copy_range
 
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, payload):
-            budget["bytes"] -= len(payload)
+    def spend(file, nbytes):  # the two places bytes reach the disk: write() and copy_file_range()
+        if file.path.endswith(".distcp"):
+            budget["bytes"] -= nbytes
             if budget["bytes"] < 0:
                 raise OSError(28, "No space left on device")
-            return self.f.write(payload)
 
-        def __getattr__(self, name):
-            return getattr(self.f, name)
+    def write_all(self, view):
+        spend(self, len(view))
+        return real_write_all(self, view)
 
-    def fake_open(path, mode="r", *args, **kwargs):
-        handle = real_open(path, mode, *args, **kwargs)
-        return FullDisk(handle) if str(path).endswith(".distcp") else handle
+    def copy_range(self, fd, offset, nbytes):
+        spend(self, nbytes)
+        return real_copy_range(self, fd, offset, nbytes)
 
-    monkeypatch.setattr(torch_dist, "open", fake_open, raising=False)
+    monkeypatch.setattr(OutputFile, "_write_all", write_all)
+    monkeypatch.setattr(OutputFile, "copy_range", copy_range)
     out = tmp_path / "out"
     code, output = invoke("hf-to-mcore", tiny_qwen, out)
     assert code == 2 and "No space left on device" in one_line_error(output)

@@ -40,7 +40,8 @@ def test_keys_and_shapes_are_exactly_those_of_megatron_cores_own_model(converted
 def test_megatron_lm_directory_layout_with_a_self_describing_manifest(converted, tiny_qwen):
     summary, out = converted[2]
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
-    assert {p.name for p in (out / "release").iterdir()} == {".metadata", "__0_0.distcp", "common.pt", "metadata.json"}
+    data_files = {f"__0_{lane}.distcp" for lane in range(4)}  # one per writer thread (--io-threads 4)
+    assert {p.name for p in (out / "release").iterdir()} == {".metadata", "common.pt", "metadata.json", *data_files}
     assert json.loads((out / "release" / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
     for sidecar in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         assert (out / sidecar).read_bytes() == (tiny_qwen / sidecar).read_bytes()
@@ -49,7 +50,7 @@ def test_megatron_lm_directory_layout_with_a_self_describing_manifest(converted,
     assert manifest["layout"] == {"tp": 2, "pp": 1, "ep": 1, "etp": 1}
     assert manifest["padded_vocab_size"] == 512  # vocab 320 padded to a multiple of 128 * tp
     assert len(manifest["mapping_table"]["sha256"]) == 64
-    assert set(manifest["files"]) >= {"release/.metadata", "release/__0_0.distcp", "config.json"}
+    assert set(manifest["files"]) >= {"release/.metadata", "config.json", *(f"release/{f}" for f in data_files)}
     assert summary.tensors_read == len(manifest["hf_tensors"]) == 57
 
 
@@ -141,7 +142,7 @@ def test_torchrun_ranks_share_the_work_and_write_the_same_checkpoint(converted, 
     out = tmp_path / "two-ranks"
     result = torchrun(["-m", "ckptconv", "hf-to-mcore", tiny_qwen, out, "--tp", "2", "--json"], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert {p.name for p in (out / "release").glob("__*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    assert {p.name for p in (out / "release").glob("__*.distcp")} == {f"__{rank}_{lane}.distcp" for rank in (0, 1) for lane in range(4)}
     single, shared = DistCheckpointReader(converted[2][1]), DistCheckpointReader(out)
     assert sorted(single.tensor_keys()) == sorted(shared.tensor_keys())
     assert sorted(single.object_keys()) == sorted(shared.object_keys())

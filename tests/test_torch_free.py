@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -135,3 +136,25 @@ def test_converting_either_way_never_imports_torch(tiny_qwen, tmp_path):
 
 def test_a_dtype_cast_is_the_one_place_torch_is_needed(tiny_qwen, tmp_path):
     assert "torch" in _modules_after(["hf-to-mcore", str(tiny_qwen), str(tmp_path / "bf16"), "--dtype", "bf16", "--json"])
+
+
+def test_only_unchanged_views_of_a_mapped_file_count_as_file_ranges(tmp_path):
+    """What lets the writers copy bytes file to file: a view of the mapping knows where it lies in
+    the file; a copy, a cast or a transposed view does not claim to be there."""
+    from ckptconv.source import open_hf_checkpoint
+    from safetensors.torch import save_file
+
+    weight = torch.arange(12 * 8, dtype=torch.float32).reshape(12, 8)
+    save_file({"a": torch.zeros(3), "w": weight}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    source = open_hf_checkpoint(str(tmp_path))
+    info = source.tensors["w"]
+    w = source.read("w")
+    fd, offset = w.file_range()
+    assert offset == info.offset and os.pread(fd, 32, offset) == weight[0].numpy().tobytes()
+    assert w[4:6].file_range()[1] == info.offset + 4 * 8 * 4  # rows 4-5 of a row-major [12, 8] fp32
+    assert w[:, :4].file_range() is None  # not contiguous
+    assert w.t().contiguous().file_range() is None  # computed: lives elsewhere
+    assert w.to(torch.bfloat16).file_range() is None
+    source.close()
+    assert os.pread(fd, 32, offset) == weight[0].numpy().tobytes()  # the array keeps its own descriptor

@@ -65,23 +65,25 @@ def ckpt_other_seed(work):
 
 def rewrite_chunk(ckpt: Path, key: str, edit, first_axis_offset: int = 0) -> None:
     """Rewrite one stored chunk of ``key`` in place: torch_dist stores each chunk as a torch.save'd
-    tensor at (file, offset, length) given by the metadata; ``edit`` changes values, not shapes."""
+    tensor at (file, offset, length) given by the metadata; ``edit`` changes values, not shapes,
+    and the new bytes overwrite the archive's storage record."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    from ckptconv.torch_save_format import write_tensor
+    from ckptconv.torch_save_format import _central_directory
 
     release = ckpt / "release"
     meta = FileSystemReader(str(release)).read_metadata()
     (info,) = [s for i, s in meta.storage_data.items() if i.fqn == key and i.offset[0] == first_axis_offset]
     with open(release / info.relative_path, "r+b") as f:
         f.seek(info.offset)
-        tensor = torch.load(io.BytesIO(f.read(info.length)), weights_only=True).clone()
+        archive = f.read(info.length)
+        tensor = torch.load(io.BytesIO(archive), weights_only=True).clone()
         edit(tensor)
-        buf = io.BytesIO()
-        write_tensor(buf, tensor)  # the converter's own chunk format: same length as the original
-        assert len(buf.getvalue()) == info.length
-        f.seek(info.offset)
-        f.write(buf.getvalue())
+        (storage,) = [v for name, v in _central_directory(memoryview(archive)).items() if name.endswith("data/0")]
+        data = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+        assert len(data) == storage[1]
+        f.seek(info.offset + storage[0])
+        f.write(data)
 
 
 def _copy(ckpt: Path, dst: Path) -> Path:
