@@ -139,6 +139,7 @@ def mcore_to_hf(
     hf_config: Optional[str] = typer.Option(None, "--hf-config", help="HF model (dir or repo id) whose config/tokenizer to use when the checkpoint has none (trained in Megatron)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only after the export is complete)."),
+    io_threads: int = typer.Option(4, "--io-threads", min=1, help="Writer threads per process; each writes whole tensors at their offsets in the shards, in parallel."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
 ):
@@ -151,7 +152,7 @@ def mcore_to_hf(
         from ckptconv.mcore_to_hf import convert_mcore_to_hf
 
         summary = convert_mcore_to_hf(
-            ckpt, out, hf_config=hf_config, max_shard_size=max_shard_size, force=force,
+            ckpt, out, hf_config=hf_config, max_shard_size=max_shard_size, force=force, io_threads=io_threads,
             progress=not as_json and sys.stderr.isatty(),
         )
         _print_summary(summary, as_json)

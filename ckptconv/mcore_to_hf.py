@@ -20,6 +20,7 @@ from ckptconv.mapping import load_table
 from ckptconv.outdir import staged_output
 from ckptconv.plan import Plan, PlanItem, build_plan
 from ckptconv.report import Summary, make_progress
+from ckptconv.pages import WriterLanes
 from ckptconv.safetensors_writer import PlannedTensor, Shard, ShardWriter, plan_shards, write_index
 from ckptconv.source import read_config, resolve_source
 from ckptconv.torch_dist import DistCheckpointReader
@@ -143,6 +144,7 @@ def convert_mcore_to_hf(
     max_shard_size: str = "5GB",
     force: bool = False,
     progress: bool = False,
+    io_threads: int = 4,
 ) -> Summary:
     out = Path(out)
     rank, world_size = distributed.rank_and_world()
@@ -174,7 +176,7 @@ def convert_mcore_to_hf(
         distributed.barrier()
         error = None
         try:
-            _write_shards(staging, my_shards, plan, reader, summary, progress and rank == 0)
+            _write_shards(staging, my_shards, plan, reader, summary, progress and rank == 0, io_threads)
         except BaseException as exc:
             error = exc
         distributed.raise_if_any_failed(error)
@@ -192,27 +194,34 @@ def convert_mcore_to_hf(
 
 
 def _write_shards(staging: Path, shards: list[Shard], plan: Plan, reader: DistCheckpointReader,
-                  summary: Summary, progress: bool) -> None:
+                  summary: Summary, progress: bool, io_threads: int) -> None:
     wanted = {t.name: shard for shard in shards for t in shard.tensors}
     writers: dict[str, ShardWriter] = {}
-    with make_progress(progress) as bar:
-        task = bar.add_task("mcore-to-hf", total=sum(s.nbytes for s in shards))
-        for item in plan.items:
-            if not any(name in wanted for name in item.hf_names):
-                continue
-            inputs = [reader.read(t.key, t.axis_index) for t in item.targets]
-            summary.tensors_read += len(inputs)
-            summary.bytes_read += sum(t.nbytes for t in inputs)
-            transform = get_transform(item.rule.transform)
-            outputs = (transform.inverse_rows or transform.inverse)(inputs, _context(plan, item))
-            for name, tensor in zip(item.hf_names, outputs):
-                shard = wanted.get(name)
-                if shard is None:
+    lanes = WriterLanes(io_threads)
+    try:
+        with make_progress(progress) as bar:
+            task = bar.add_task("mcore-to-hf", total=sum(s.nbytes for s in shards))
+            for item in plan.items:
+                if not any(name in wanted for name in item.hf_names):
                     continue
-                writer = writers.get(shard.file_name) or writers.setdefault(shard.file_name, ShardWriter(staging, shard))
-                written = writer.write_next(name, tensor)
-                summary.tensors_written += 1
-                summary.bytes_written += written
-                bar.advance(task, written)
-    for writer in writers.values():
-        writer.close()  # raises if a planned tensor never arrived
+                inputs = [reader.read(t.key, t.axis_index) for t in item.targets]
+                summary.tensors_read += len(inputs)
+                summary.bytes_read += sum(t.nbytes for t in inputs)
+                transform = get_transform(item.rule.transform)
+                outputs = (transform.inverse_rows or transform.inverse)(inputs, _context(plan, item))
+                del inputs  # outputs may be views of them: each mapping then goes with its last view
+                for name, tensor in zip(item.hf_names, outputs):
+                    shard = wanted.get(name)
+                    if shard is None:
+                        continue
+                    writer = writers.get(shard.file_name)
+                    if writer is None:  # one lane per shard file (see WriterLanes)
+                        writer = writers[shard.file_name] = ShardWriter(staging, shard, lanes, lane=len(writers))
+                    written = writer.write_next(name, tensor)
+                    summary.tensors_written += 1
+                    summary.bytes_written += written
+                    bar.advance(task, written)
+    finally:
+        lanes.close()  # every queued write lands (or its error is raised) before the files close
+        for writer in writers.values():
+            writer.close()  # raises if a planned tensor never arrived

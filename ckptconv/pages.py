@@ -14,6 +14,7 @@ Source tensors are private mmaps of the checkpoint (no copy). Two ways to write 
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import threading
@@ -28,6 +29,9 @@ SMALL_WRITE = 1024 * 1024
 """Writes below this (zip headers, pickles) are gathered into one ``write``."""
 
 _copy_buffer = threading.local()
+_NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
+"""What copy_file_range answers where it cannot copy between two files (old kernels, some
+filesystems); anything else (ENOSPC, EIO) is a real error."""
 
 
 def file_range(tensor) -> tuple[int, int] | None:
@@ -85,8 +89,10 @@ class OutputFile:
         while self._kernel_copy and done < nbytes:
             try:
                 got = os.copy_file_range(fd, self.fd, nbytes - done, offset + done)
-            except OSError:  # EXDEV / ENOSYS / EINVAL on some kernels and filesystems
-                self._kernel_copy = False
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                self._kernel_copy = False  # not between these files: copy through memory from now on
                 break
             if got <= 0:
                 raise OSError(f"short read at byte {offset + done} of a source file")
@@ -230,3 +236,97 @@ def write_tensor_bytes(file, tensor) -> int:
         file.write(window)
         release(address + start, len(window))
     return len(data)
+
+
+def write_tensor_at(fd: int, offset: int, tensor) -> int:
+    """Write a contiguous tensor's bytes at ``offset`` of ``fd`` (positional, so lanes may write
+    different parts of one file at once); a source file range is copied by the kernel."""
+    tensor = as_array(tensor)
+    nbytes = tensor.nbytes
+    source = file_range(tensor)
+    done = 0
+    if source is not None:
+        source_fd, source_offset = source
+        while done < nbytes and hasattr(os, "copy_file_range"):
+            try:
+                got = os.copy_file_range(source_fd, fd, nbytes - done, source_offset + done, offset + done)
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                break  # no kernel copy between these files: go through memory below
+            if got <= 0:
+                raise OSError(f"short read at byte {source_offset + done} of a source file")
+            done += got
+    if done < nbytes:
+        data = tensor.bytes_view()
+        address = tensor.data_ptr()
+        while done < nbytes:
+            window = data[done:done + WINDOW]
+            written = 0
+            while written < len(window):
+                written += os.pwrite(fd, window[written:], offset + done + written)
+            release(address + done, len(window))
+            done += len(window)
+    return nbytes
+
+
+class WriterLanes:
+    """Threads that run write jobs in parallel, with the bytes handed over but not yet written
+    bounded (``max_queued_bytes``): memory holds a few tensors in flight, never a backlog.
+
+    A kernel copy keeps one core busy; lanes let a conversion use the others. Jobs are queued per
+    lane and a caller sends all writes of one file to one lane: writes into one file take the
+    file's lock in turn, so two lanes on one file are slower than one (measured: 1.9 s vs 1.35 s
+    for a 3.2 GB shard), while lanes on different files run side by side.
+    """
+
+    def __init__(self, lanes: int = 4, max_queued_bytes: int = 256 * 1024 * 1024):
+        import queue
+
+        self._queues = [queue.Queue() for _ in range(max(1, lanes))]
+        self._queued = 0
+        self._max_queued = max_queued_bytes
+        self._space = threading.Condition()
+        self._error: BaseException | None = None
+        self._threads = [threading.Thread(target=self._run, args=(jobs,), name=f"ckptconv-lane-{i}", daemon=True)
+                         for i, jobs in enumerate(self._queues)]
+        for thread in self._threads:
+            thread.start()
+
+    def __len__(self) -> int:
+        return len(self._queues)
+
+    def _run(self, jobs) -> None:
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            work, size = job
+            if self._error is None:
+                try:
+                    work()
+                except BaseException as exc:  # surfaced by submit() / close()
+                    self._error = exc
+            del work, job
+            with self._space:
+                self._queued -= size
+                self._space.notify_all()
+
+    def submit(self, lane: int, work, size: int) -> None:
+        """Queue ``work()`` on ``lane`` (mod the lane count); it holds ``size`` bytes until run."""
+        if self._error is not None:
+            raise self._error
+        with self._space:
+            while self._queued > 0 and self._queued + size > self._max_queued:
+                self._space.wait()
+            self._queued += size
+        self._queues[lane % len(self._queues)].put((work, size))
+
+    def close(self) -> None:
+        """Wait for every job; raise the first error any of them hit."""
+        for jobs in self._queues:
+            jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+        if self._error is not None:
+            raise self._error

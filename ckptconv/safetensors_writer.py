@@ -8,12 +8,14 @@ written first and each tensor appended as it is produced, then freed.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ckptconv.array import DType, dtype_of
 from ckptconv.errors import ConversionError
-from ckptconv.pages import OutputFile, write_tensor_bytes
+from ckptconv.pages import WriterLanes, write_tensor_at
 
 
 @dataclass(frozen=True)
@@ -68,19 +70,26 @@ def _header(shard: Shard) -> bytes:
 
 
 class ShardWriter:
-    """Writes one shard; tensors must arrive in the planned order."""
+    """Writes one shard. Tensors must arrive in the planned order; each is written at its planned
+    offset by lane ``lane`` of the shared :class:`~ckptconv.pages.WriterLanes`, so the next tensor
+    is read while this one is written, and different shards are written at once."""
 
-    def __init__(self, directory: Path, shard: Shard):
+    def __init__(self, directory: Path, shard: Shard, lanes: WriterLanes, lane: int = 0):
         self.shard = shard
+        self._lane = lane
         self.path = Path(directory) / shard.file_name
-        self._file = OutputFile(self.path)
-        self._file.write(_header(shard))
+        self._lanes = lanes
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        header = _header(shard)
+        os.pwrite(self._fd, header, 0)
+        self._offset = len(header)
+        """Where the next tensor goes."""
         self._next = 0
         self.bytes_written = 0
 
     def write_next(self, name: str, tensor) -> int:
-        """Append the next planned tensor (a tensor or row blocks), cast to its planned dtype;
-        returns bytes written."""
+        """Queue the next planned tensor (a tensor or row blocks), cast to its planned dtype;
+        returns its size in bytes."""
         if self._next >= len(self.shard.tensors):
             raise ConversionError(f"{self.path.name}: unexpected extra tensor {name}")
         expected = self.shard.tensors[self._next]
@@ -90,12 +99,15 @@ class ShardWriter:
                 f"{self.path.name}: expected {expected.name} {expected.dtype}{list(expected.shape)}, "
                 f"got {name} {tensor.dtype}{list(tensor.shape)}"
             )
-        parts = tensor.parts if hasattr(tensor, "parts") else [tensor]
-        written = sum(write_tensor_bytes(self._file, part.contiguous()) for part in parts)
+        parts = [part.contiguous() for part in (tensor.parts if hasattr(tensor, "parts") else [tensor])]
+        offset = self._offset
+        for part in parts:
+            self._lanes.submit(self._lane, partial(write_tensor_at, self._fd, offset, part), part.nbytes)
+            offset += part.nbytes
+        written = offset - self._offset
+        self._offset = offset
         self.bytes_written += written
         self._next += 1
-        if self.complete:
-            self._file.close()
         return written
 
     @property
@@ -103,7 +115,10 @@ class ShardWriter:
         return self._next == len(self.shard.tensors)
 
     def close(self) -> None:
-        self._file.close()
+        """After the lanes are done: close the file; every planned tensor must have come."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         if not self.complete:
             missing = [t.name for t in self.shard.tensors[self._next:]]
             raise ConversionError(f"{self.path.name}: {len(missing)} tensor(s) never written, e.g. {missing[0]}")

@@ -1,19 +1,20 @@
-"""Write and read megatron-core ``torch_dist`` checkpoints chunk by chunk.
+"""Write and read megatron-core ``torch_dist`` checkpoints chunk by chunk, without torch.
 
 The format is PyTorch Distributed Checkpoint (DCP) plus two megatron files:
 
-- ``__<rank>_<n>.distcp``: each tensor chunk as a ``torch.save`` archive, back to back (written by
-  ``torch_save_format.write_tensor``, which streams the bytes without torch.save's copies); each ShardedObject
-  (``_extra_state``) as the bytes of ``torch.save([obj])``;
+- ``__<rank>_<lane>.distcp``: each tensor chunk as a ``torch.save`` archive, back to back (written
+  by ``torch_save_format.write_tensor``, which streams the bytes without torch.save's copies); each
+  ShardedObject (``_extra_state``) as the bytes of ``torch.save([obj])``;
 - ``.metadata``: a pickled ``torch.distributed.checkpoint.metadata.Metadata`` with every key's
   global shape, dtype and chunk list, and where each chunk's bytes live;
 - ``metadata.json`` (``{"sharded_backend": "torch_dist", ...}``) and ``common.pt`` (the
   non-sharded part of the state dict; empty for a model).
 
 ``dist_checkpointing.save`` needs the whole state dict in memory at once. Writing the format
-ourselves lets us stream: a chunk is serialized, written and freed before the next is read. Reading
-uses the chunk table directly, so a single tensor can be fetched without loading the rest, and the
-``.metadata`` pickle is loaded with an unpickler that only admits the DCP metadata classes.
+ourselves lets us stream: a chunk is serialized, written and freed before the next is read. The
+pickles are emitted by :mod:`ckptconv.pickles` and read back into our own record types by
+restricted unpicklers, so neither direction imports torch or DCP (2.3 s of imports). Reading uses
+the chunk table directly, so a single tensor can be fetched without loading the rest.
 """
 
 from __future__ import annotations
