@@ -137,7 +137,7 @@ def mcore_to_hf(
     ckpt: Path = typer.Argument(..., help="Megatron-Core torch_dist checkpoint: a Megatron-LM directory (tracker file + release/ or iter_NNNNNNN/) or a bare torch_dist directory."),
     out: Path = typer.Argument(..., help="Output HF directory (safetensors + index + config + tokenizer). Must not exist unless --force."),
     hf_config: Optional[str] = typer.Option(None, "--hf-config", help="HF model (dir or repo id) whose config/tokenizer to use when the checkpoint has none (trained in Megatron)."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB. Default: the source's own shard files and tensor order when ckptconv.json records them (every tensor back at its source offset), else 5GB."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only after the export is complete)."),
     io_threads: int = typer.Option(4, "--io-threads", min=1, help="Writer threads per process; each writes whole tensors at their offsets in the shards, in parallel."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),

@@ -257,13 +257,23 @@ def _finish_checkpoint(staging: Path, release: Path, parts: list[LocalIndex], pl
         "make_vocab_size_divisible_by": layout.make_vocab_size_divisible_by,
         "vocab_padding": "zeros appended to embedding and output rows; dropped on export",
         "mapping_table": {"file": plan.table.path.name, "sha256": plan.table.sha256},
-        "hf_tensors": {name: {"dtype": info.dtype, "shape": list(info.shape), "file": info.file}
+        "hf_tensors": {name: {"dtype": info.dtype, "shape": list(info.shape), "file": info.file, "offset": info.offset}
                        for name, info in sorted(source.tensors.items())},
+        # Where each source file's data began: export puts every tensor back at its source offset.
+        "hf_files": {file: {"data_start": start} for file, start in sorted(_data_starts(source).items())},
         "checksum": CHECKSUM,
         "files": dict(sorted(hashes.items())),
         "filled_defaults": list(plan.spec.filled_defaults),
     })
     summary.bytes_written = sum(p.bytes_written for p in parts)
+
+
+def _data_starts(source: HFCheckpoint) -> dict[str, int]:
+    """Offset of each shard's data section: its first tensor's (safetensors leaves no gap)."""
+    starts: dict[str, int] = {}
+    for info in source.tensors.values():
+        starts[info.file] = min(starts.get(info.file, info.offset), info.offset)
+    return starts
 
 
 def _check_everything_written(plan: Plan, parts: list[LocalIndex]) -> None:

@@ -21,12 +21,13 @@ from ckptconv.outdir import staged_output
 from ckptconv.plan import Plan, PlanItem, build_plan
 from ckptconv.report import Summary, make_progress
 from ckptconv.pages import WriterLanes
-from ckptconv.safetensors_writer import PlannedTensor, Shard, ShardWriter, plan_shards, write_index
+from ckptconv.safetensors_writer import PlannedTensor, Shard, ShardWriter, plan_shards, shards_like_source, write_index
 from ckptconv.source import read_config, resolve_source
 from ckptconv.torch_dist import DistCheckpointReader
 from ckptconv.transforms import TransformContext, get as get_transform
 
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 _CONFIG_DTYPES = {"bfloat16": BF16, "float16": F16, "float32": F32}
 
 
@@ -141,7 +142,7 @@ def convert_mcore_to_hf(
     out: str | Path,
     *,
     hf_config: str | None = None,
-    max_shard_size: str = "5GB",
+    max_shard_size: str | None = None,
     force: bool = False,
     progress: bool = False,
     io_threads: int = 4,
@@ -162,14 +163,21 @@ def convert_mcore_to_hf(
             raise ConversionError(f"{ckpt}: checkpoint vocab {plan.padded_vocab_size} is smaller than the config's {spec.vocab_size}")
         ignored = check_checkpoint_keys(plan, reader)
         tensors = plan_hf_tensors(plan, reader, manifest, config)
-        return reader, config, sidecars, plan, ignored, tensors
+        return reader, config, sidecars, plan, ignored, tensors, manifest or {}
 
-    reader, config, sidecars, plan, ignored, tensors = distributed.first_error_everywhere(prepare)
+    reader, config, sidecars, plan, ignored, tensors, manifest = distributed.first_error_everywhere(prepare)
     summary.family = plan.spec.family
-    summary.layout = {"max_shard_size": max_shard_size, "padded_vocab_size": plan.padded_vocab_size}
+    summary.layout = {"padded_vocab_size": plan.padded_vocab_size}
     if ignored:
         summary.notes.append(f"ignored {len(ignored)} non-model checkpoint tensor(s), e.g. {ignored[0]}")
-    shards = plan_shards(tensors, parse_size(max_shard_size))
+    shards = None if max_shard_size else shards_like_source(
+        tensors, manifest.get("hf_tensors", {}), {name: f["data_start"] for name, f in manifest.get("hf_files", {}).items()},
+    )
+    if shards is None:
+        shards = plan_shards(tensors, parse_size(max_shard_size or DEFAULT_MAX_SHARD_SIZE))
+        summary.layout["max_shard_size"] = max_shard_size or DEFAULT_MAX_SHARD_SIZE
+    else:
+        summary.layout["shards"] = "as in the source"
     my_shards = [s for i, s in enumerate(shards) if i % world_size == rank]
 
     with staged_output(out, force, is_writer=rank == 0) as staging:
@@ -217,7 +225,7 @@ def _write_shards(staging: Path, shards: list[Shard], plan: Plan, reader: DistCh
                     writer = writers.get(shard.file_name)
                     if writer is None:  # one lane per shard file (see WriterLanes)
                         writer = writers[shard.file_name] = ShardWriter(staging, shard, lanes, lane=len(writers))
-                    written = writer.write_next(name, tensor)
+                    written = writer.write(name, tensor)
                     summary.tensors_written += 1
                     summary.bytes_written += written
                     bar.advance(task, written)

@@ -17,6 +17,8 @@ from ckptconv.array import DType, dtype_of
 from ckptconv.errors import ConversionError
 from ckptconv.pages import WriterLanes, write_tensor_at
 
+PAGE = 4096
+
 
 @dataclass(frozen=True)
 class PlannedTensor:
@@ -36,6 +38,9 @@ class PlannedTensor:
 class Shard:
     file_name: str
     tensors: list[PlannedTensor] = field(default_factory=list)
+    data_start: int | None = None
+    """Where the data section should start (the source file's, to put every tensor at its source
+    offset); None: right after the header."""
 
     @property
     def nbytes(self) -> int:
@@ -58,6 +63,22 @@ def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[Shar
     return [Shard(f"model-{i + 1:05d}-of-{total:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
+def shards_like_source(tensors: list[PlannedTensor], sources: dict[str, dict], data_starts: dict[str, int]) -> list[Shard] | None:
+    """The source checkpoint's own sharding: its file names, each file's tensors in their source
+    order, each data section where the source's began. Every tensor then lands at the offset it
+    had in the source, which is also (page-wise) where its chunk's bytes lie in the torch_dist
+    checkpoint (``torch_save_format``), so the kernel copies whole pages. None when the manifest
+    does not describe every tensor (e.g. a checkpoint written by Megatron training)."""
+    if not data_starts or any(t.name not in sources or "offset" not in sources[t.name] for t in tensors):
+        return None
+    by_file: dict[str, list[PlannedTensor]] = {}
+    for tensor in sorted(tensors, key=lambda t: (sources[t.name]["file"], sources[t.name]["offset"])):
+        by_file.setdefault(sources[tensor.name]["file"], []).append(tensor)
+    if any(Path(name).name != name or not name.endswith(".safetensors") or name not in data_starts for name in by_file):
+        return None
+    return [Shard(name, group, data_starts[name]) for name, group in sorted(by_file.items())]
+
+
 def _header(shard: Shard) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -65,14 +86,20 @@ def _header(shard: Shard) -> bytes:
         header[t.name] = {"dtype": t.dtype.safetensors, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
+    if shard.data_start is not None:  # pad with spaces (allowed after the JSON)
+        end = 8 + len(raw)
+        if end <= shard.data_start:
+            raw += b" " * (shard.data_start - end)  # the source's own data start
+        else:
+            raw += b" " * ((shard.data_start - end) % PAGE)  # our header is longer: the same place in a page
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
     return len(raw).to_bytes(8, "little") + raw
 
 
 class ShardWriter:
-    """Writes one shard. Tensors must arrive in the planned order; each is written at its planned
-    offset by lane ``lane`` of the shared :class:`~ckptconv.pages.WriterLanes`, so the next tensor
-    is read while this one is written, and different shards are written at once."""
+    """Writes one shard: each tensor, in whatever order it comes, at its planned offset, by lane
+    ``lane`` of the shared :class:`~ckptconv.pages.WriterLanes` (the next tensor is read while
+    this one is written, and different shards are written at once)."""
 
     def __init__(self, directory: Path, shard: Shard, lanes: WriterLanes, lane: int = 0):
         self.shard = shard
@@ -82,37 +109,37 @@ class ShardWriter:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         header = _header(shard)
         os.pwrite(self._fd, header, 0)
-        self._offset = len(header)
-        """Where the next tensor goes."""
-        self._next = 0
+        self._slots: dict[str, tuple[PlannedTensor, int]] = {}
+        offset = len(header)
+        for planned in shard.tensors:
+            self._slots[planned.name] = (planned, offset)
+            offset += planned.nbytes
+        self._written: set[str] = set()
         self.bytes_written = 0
 
-    def write_next(self, name: str, tensor) -> int:
-        """Queue the next planned tensor (a tensor or row blocks), cast to its planned dtype;
-        returns its size in bytes."""
-        if self._next >= len(self.shard.tensors):
-            raise ConversionError(f"{self.path.name}: unexpected extra tensor {name}")
-        expected = self.shard.tensors[self._next]
+    def write(self, name: str, tensor) -> int:
+        """Queue ``name`` (a tensor or row blocks), cast to its planned dtype; returns its size."""
+        if name not in self._slots or name in self._written:
+            raise ConversionError(f"{self.path.name}: unexpected {'second ' if name in self._written else ''}tensor {name}")
+        expected, offset = self._slots[name]
         tensor = tensor.to(expected.dtype)
-        if name != expected.name or dtype_of(tensor.dtype) != expected.dtype or tuple(tensor.shape) != expected.shape:
+        if dtype_of(tensor.dtype) != expected.dtype or tuple(tensor.shape) != expected.shape:
             raise ConversionError(
                 f"{self.path.name}: expected {expected.name} {expected.dtype}{list(expected.shape)}, "
-                f"got {name} {tensor.dtype}{list(tensor.shape)}"
+                f"got {tensor.dtype}{list(tensor.shape)}"
             )
-        parts = [part.contiguous() for part in (tensor.parts if hasattr(tensor, "parts") else [tensor])]
-        offset = self._offset
-        for part in parts:
+        start = offset
+        for part in (tensor.parts if hasattr(tensor, "parts") else [tensor]):
+            part = part.contiguous()
             self._lanes.submit(self._lane, partial(write_tensor_at, self._fd, offset, part), part.nbytes)
             offset += part.nbytes
-        written = offset - self._offset
-        self._offset = offset
-        self.bytes_written += written
-        self._next += 1
-        return written
+        self._written.add(name)
+        self.bytes_written += offset - start
+        return offset - start
 
     @property
     def complete(self) -> bool:
-        return self._next == len(self.shard.tensors)
+        return len(self._written) == len(self._slots)
 
     def close(self) -> None:
         """After the lanes are done: close the file; every planned tensor must have come."""
@@ -120,7 +147,7 @@ class ShardWriter:
             os.close(self._fd)
             self._fd = -1
         if not self.complete:
-            missing = [t.name for t in self.shard.tensors[self._next:]]
+            missing = [name for name in self._slots if name not in self._written]
             raise ConversionError(f"{self.path.name}: {len(missing)} tensor(s) never written, e.g. {missing[0]}")
 
 

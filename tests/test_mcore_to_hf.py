@@ -98,3 +98,32 @@ def test_every_parallel_layout_round_trips_bit_exact(layout, tmp_path):
     assert len(reader.entries[fc1].chunks) == reader.shape(fc1)[0] * 2 * layout["etp"]
     convert_mcore_to_hf(tmp_path / "mcore", tmp_path / "back")
     assert_same_checkpoint(hf, tmp_path / "back")
+
+
+def test_export_rebuilds_the_source_safetensors_files_byte_for_byte(tiny_qwen, tmp_path):
+    """ckptconv.json records where every tensor sat; export puts each back there, in the source's
+    own files. (It also makes the kernel copy whole pages: docs/benchmarks.md.)"""
+    convert_hf_to_mcore(str(tiny_qwen), tmp_path / "mcore", tp=2)
+    summary = convert_mcore_to_hf(tmp_path / "mcore", tmp_path / "hf")
+    assert summary.layout["shards"] == "as in the source"
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (tiny_qwen / "model.safetensors").read_bytes()
+
+
+def test_a_sharded_source_comes_back_in_the_same_shards(tiny_qwen, tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="300KB")
+    for sidecar in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.jinja"):
+        if (tiny_qwen / sidecar).exists():
+            (sharded / sidecar).write_bytes((tiny_qwen / sidecar).read_bytes())
+    files = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(files) > 1
+    convert_hf_to_mcore(str(sharded), tmp_path / "mcore")
+    convert_mcore_to_hf(tmp_path / "mcore", tmp_path / "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors")) == files
+    for name in files:
+        assert (tmp_path / "hf" / name).read_bytes() == (sharded / name).read_bytes(), name
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
