@@ -158,3 +158,17 @@ def test_only_unchanged_views_of_a_mapped_file_count_as_file_ranges(tmp_path):
     assert w.to(torch.bfloat16).file_range() is None
     source.close()
     assert os.pread(fd, 32, offset) == weight[0].numpy().tobytes()  # the array keeps its own descriptor
+
+
+def test_chunks_past_the_zip32_limit_go_through_torch_save_and_read_back(tmp_path, monkeypatch):
+    """A chunk of 4 GiB or more (a 256k x 8192 bf16 embedding) needs zip64, which our archive
+    writer leaves to torch.save; simulated here by lowering the limit."""
+    import ckptconv.torch_save_format as tsf
+    from ckptconv.torch_dist import DistCheckpointReader, DistCheckpointWriter, write_metadata
+
+    monkeypatch.setattr(tsf, "_ZIP32_LIMIT", 64)
+    weight = torch.randn(6, 5).to(torch.bfloat16)
+    writer = DistCheckpointWriter(tmp_path, lanes=1)
+    writer.write_chunk("w", (6, 5), (0, 0), Array.from_torch(weight))
+    write_metadata(tmp_path, [writer.close()])
+    assert torch.equal(DistCheckpointReader(tmp_path).read("w").to_torch(), weight)
