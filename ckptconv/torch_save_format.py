@@ -7,9 +7,9 @@ imported. Here ``data.pkl`` comes from :mod:`ckptconv.pickles` (byte-identical t
 storage is written straight from the source (:mod:`ckptconv.pages`): the same archive, at the speed
 of the copy.
 
-Records are stored uncompressed, data aligned to 64 bytes like torch does, no CRC (as
-``torch.save`` with ``compute_crc32=False``; torch's reader does not check it). Archives whose
-storage is 4 GiB or more would need zip64: for those we fall back to ``torch.save``.
+Records are stored uncompressed, data aligned to 64 bytes like torch does (or to the source's
+place in a page), no CRC (as ``torch.save`` with ``compute_crc32=False``; torch's reader does not
+check it). A storage of 4 GiB or more gets zip64 size and offset fields, as torch's writer gives it.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ckptconv import pickles
-from ckptconv.array import BY_STORAGE, BY_TORCH_NAME, Array, as_array, cat
+from ckptconv.array import BY_STORAGE, BY_TORCH_NAME, Array, as_array
 from ckptconv.pages import file_range, write_tensor_bytes
 
 ARCHIVE = "archive"
 ALIGNMENT = 64
 PAGE = 4096
-_ZIP32_LIMIT = 0xFFFFFFFF - (1 << 20)
+_ZIP64_AT = 0xFFFFFFFF
+"""Sizes and offsets from here on are written in zip64 fields (a chunk of 4 GiB or more)."""
 # What torch.save writes around data.pkl and the storages (serialization format 3); the id is opaque.
 _HEAD_RECORDS = ((".format_version", b"1"), (".storage_alignment", str(ALIGNMENT).encode()), ("byteorder", b"little"))
 _TRAILER_RECORDS = (("version", b"3\n"), (".data/serialization_id", b"0" * 40))
@@ -37,19 +38,42 @@ _TRAILER_RECORDS = (("version", b"3\n"), (".data/serialization_id", b"0" * 40))
 
 def _local_header(name: bytes, size: int, offset: int, modulus: int = ALIGNMENT, remainder: int = 0) -> bytes:
     """Local file header at ``offset`` whose extra field pads the data start to ``remainder``
-    modulo ``modulus`` (torch pads to 64; we may pad further, see :func:`write_tensor`)."""
-    base = 30 + len(name)
+    modulo ``modulus`` (torch pads to 64; we may pad further, see :func:`write_tensor`). A record
+    of 4 GiB or more carries its size in a zip64 field, as torch's own writer does."""
+    zip64 = size >= _ZIP64_AT
+    sizes = struct.pack("<HHQQ", 0x0001, 16, size, size) if zip64 else b""
+    base = 30 + len(name) + len(sizes)
     pad = (remainder - (offset + base + 4)) % modulus
-    extra = struct.pack("<HH", 0x4246, pad) + b"\0" * pad  # "FB": torch's own padding field id
+    extra = sizes + struct.pack("<HH", 0x4246, pad) + b"\0" * pad  # "FB": torch's own padding field id
+    stored = 0xFFFFFFFF if zip64 else size
     return struct.pack(
-        "<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, 0, size, size, len(name), len(extra)
+        "<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, 0, 0, 0, 0, 0, stored, stored, len(name), len(extra)
     ) + name + extra
 
 
 def _central_entry(name: bytes, size: int, offset: int) -> bytes:
+    big_size, big_offset = size >= _ZIP64_AT, offset >= _ZIP64_AT
+    values = ([size, size] if big_size else []) + ([offset] if big_offset else [])
+    extra = struct.pack(f"<HH{len(values)}Q", 0x0001, 8 * len(values), *values) if values else b""
+    version = 45 if values else 20
     return struct.pack(
-        "<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, 0, size, size, len(name), 0, 0, 0, 0, 0, offset
-    ) + name
+        "<IHHHHHHIIIHHHHHII", 0x02014B50, version, version, 0, 0, 0, 0, 0,
+        0xFFFFFFFF if big_size else size, 0xFFFFFFFF if big_size else size, len(name), len(extra), 0, 0, 0, 0,
+        0xFFFFFFFF if big_offset else offset,
+    ) + name + extra
+
+
+def _end_of_archive(entries: int, central_size: int, central_offset: int) -> bytes:
+    """End-of-central-directory record, preceded by the zip64 ones when the directory starts at
+    4 GiB or later."""
+    if central_offset < _ZIP64_AT:
+        return struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, entries, entries, central_size, central_offset, 0)
+    zip64_end = central_offset + central_size
+    return (
+        struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, entries, entries, central_size, central_offset)
+        + struct.pack("<IIQI", 0x07064B50, 0, zip64_end, 1)
+        + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, entries, entries, central_size, 0xFFFFFFFF, 0)
+    )
 
 
 def _write_archive(file, records: list[tuple[str, object, int]]) -> None:
@@ -72,7 +96,7 @@ def _write_archive(file, records: list[tuple[str, object, int]]) -> None:
         position += size
     central = b"".join(directory)
     file.write(central)
-    file.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(records), len(records), len(central), position, 0))
+    file.write(_end_of_archive(len(records), len(central), position))
 
 
 def _congruent_remainder(archive_start: int | None, first_part) -> int | None:
@@ -95,12 +119,6 @@ def write_tensor(file, tensor, shape: tuple[int, ...] | None = None) -> None:
     parts = [as_array(p).contiguous() for p in (tensor.parts if hasattr(tensor, "parts") else [tensor])]
     dtype = parts[0].dtype
     nbytes = sum(p.nbytes for p in parts)
-    if nbytes >= _ZIP32_LIMIT:
-        import torch
-
-        whole = cat([p.reshape(-1) for p in parts]) if len(parts) > 1 else parts[0]
-        torch.save(whole.reshape(shape).to_torch(), file)
-        return
     data_pkl = pickles.tensor_data_pkl(dtype, shape)
     _write_archive(file, [*_sized([("data.pkl", data_pkl), *_HEAD_RECORDS]), ("data/0", parts, nbytes),
                           *_sized(_TRAILER_RECORDS)])

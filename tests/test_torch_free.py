@@ -160,15 +160,24 @@ def test_only_unchanged_views_of_a_mapped_file_count_as_file_ranges(tmp_path):
     assert os.pread(fd, 32, offset) == weight[0].numpy().tobytes()  # the array keeps its own descriptor
 
 
-def test_chunks_past_the_zip32_limit_go_through_torch_save_and_read_back(tmp_path, monkeypatch):
-    """A chunk of 4 GiB or more (a 256k x 8192 bf16 embedding) needs zip64, which our archive
-    writer leaves to torch.save; simulated here by lowering the limit."""
+def test_chunks_of_4_gib_and_more_are_written_in_zip64_and_load_in_torch_and_in_ours(tmp_path, monkeypatch):
+    """A chunk of 4 GiB or more (a 256k x 8192 bf16 embedding) needs zip64 sizes and offsets;
+    simulated by lowering the threshold so every field past 64 is written the zip64 way."""
     import ckptconv.torch_save_format as tsf
+    from torch.distributed.checkpoint import FileSystemReader
+
     from ckptconv.torch_dist import DistCheckpointReader, DistCheckpointWriter, write_metadata
 
-    monkeypatch.setattr(tsf, "_ZIP32_LIMIT", 64)
-    weight = torch.randn(6, 5).to(torch.bfloat16)
+    monkeypatch.setattr(tsf, "_ZIP64_AT", 64)
+    weight = torch.randn(8, 16).to(torch.bfloat16)  # 256 bytes: past the lowered threshold
+    buffer = io.BytesIO()
+    write_tensor(buffer, Array.from_torch(weight))
+    assert torch.equal(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), weight)
+    assert torch.equal(read_tensor(bytearray(buffer.getvalue())).to_torch(), weight)
     writer = DistCheckpointWriter(tmp_path, lanes=1)
-    writer.write_chunk("w", (6, 5), (0, 0), Array.from_torch(weight))
+    writer.write_chunk("w", (8, 16), (0, 0), Array.from_torch(weight))
     write_metadata(tmp_path, [writer.close()])
     assert torch.equal(DistCheckpointReader(tmp_path).read("w").to_torch(), weight)
+    target = {"w": torch.empty(8, 16, dtype=torch.bfloat16)}
+    torch.distributed.checkpoint.load(target, storage_reader=FileSystemReader(str(tmp_path)), no_dist=True)
+    assert torch.equal(target["w"], weight)
