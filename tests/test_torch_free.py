@@ -181,3 +181,24 @@ def test_chunks_of_4_gib_and_more_are_written_in_zip64_and_load_in_torch_and_in_
     target = {"w": torch.empty(8, 16, dtype=torch.bfloat16)}
     torch.distributed.checkpoint.load(target, storage_reader=FileSystemReader(str(tmp_path)), no_dist=True)
     assert torch.equal(target["w"], weight)
+
+
+def test_without_kernel_copies_both_directions_still_round_trip(tiny_qwen, tmp_path, monkeypatch):
+    """Where copy_file_range cannot copy between two files (EXDEV across filesystems on older
+    kernels, ENOSYS, EINVAL), the writers copy through memory instead, with the same result."""
+    import errno
+
+    from ckptconv.hf_to_mcore import convert_hf_to_mcore
+    from ckptconv.mcore_to_hf import convert_mcore_to_hf
+
+    calls = {"n": 0}
+
+    def refuse(*args, **kwargs):
+        calls["n"] += 1
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    convert_hf_to_mcore(str(tiny_qwen), tmp_path / "mcore")
+    convert_mcore_to_hf(tmp_path / "mcore", tmp_path / "hf")
+    assert calls["n"] > 0
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (tiny_qwen / "model.safetensors").read_bytes()
