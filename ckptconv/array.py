@@ -77,6 +77,14 @@ BY_STORAGE = {d.storage: d for d in DTYPES if d.storage}
 BF16, F16, F32 = BY_SAFETENSORS["BF16"], BY_SAFETENSORS["F16"], BY_SAFETENSORS["F32"]
 
 
+def numel(shape) -> int:
+    """Elements in a tensor of ``shape``."""
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def dtype_of(dtype) -> DType:
     """A :class:`DType` from a DType, a ``torch.dtype`` or a torch name (``"bfloat16"``)."""
     if isinstance(dtype, DType):
@@ -98,6 +106,17 @@ class FileBacking:
     """
 
     __slots__ = ("region", "address", "length", "fd", "file_offset")
+
+    @classmethod
+    def map(cls, fd: int, offset: int, length: int) -> tuple[memoryview, "FileBacking"]:
+        """Map ``length`` bytes of ``fd`` from ``offset``: (those bytes, their backing).
+
+        MAP_PRIVATE + PROT_WRITE: writable (torch wants a writable tensor when a cast needs one),
+        and no write ever reaches the file; the page cache is used in place, no copy."""
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        region = mmap.mmap(fd, offset + length - start, flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        return memoryview(region)[offset - start:], cls(region, fd, start)
 
     def __init__(self, region: mmap.mmap, fd: int, file_offset: int):
         self.region = region
@@ -126,10 +145,7 @@ class Array:
     @classmethod
     def frombuffer(cls, buffer, dtype: DType, shape: tuple[int, ...], offset: int = 0,
                    backing: FileBacking | None = None) -> "Array":
-        count = 1
-        for d in shape:
-            count *= d
-        raw = np.frombuffer(buffer, dtype=dtype.raw, count=count, offset=offset).reshape(shape)
+        raw = np.frombuffer(buffer, dtype=dtype.raw, count=numel(shape), offset=offset).reshape(shape)
         return cls(raw, dtype, backing=backing)
 
     @classmethod

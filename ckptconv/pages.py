@@ -85,18 +85,9 @@ class OutputFile:
     def copy_range(self, fd: int, offset: int, nbytes: int) -> None:
         """Append ``nbytes`` of file ``fd`` from ``offset``."""
         self._flush()
-        done = 0
-        while self._kernel_copy and done < nbytes:
-            try:
-                got = os.copy_file_range(fd, self.fd, nbytes - done, offset + done)
-            except OSError as exc:
-                if exc.errno not in _NO_KERNEL_COPY:
-                    raise
-                self._kernel_copy = False  # not between these files: copy through memory from now on
-                break
-            if got <= 0:
-                raise OSError(f"short read at byte {offset + done} of a source file")
-            done += got
+        done = kernel_copy(fd, offset, self.fd, None, nbytes) if self._kernel_copy else 0
+        # Short of nbytes only where the kernel cannot copy between these files: use memory from now on.
+        self._kernel_copy = self._kernel_copy and done == nbytes
         self.offset += done
         self._landed(done)
         if done < nbytes:
@@ -135,8 +126,9 @@ class OutputFile:
             os.close(self.fd)
             self.fd = -1
         if self._checksum is not None:
+            checksum, self._checksum = self._checksum, None
             try:
-                self._checksum.finish()
+                checksum.finish()
             except OSError:
                 pass
 
@@ -238,25 +230,32 @@ def write_tensor_bytes(file, tensor) -> int:
     return len(data)
 
 
+def kernel_copy(source_fd: int, source_offset: int, fd: int, offset: int | None, nbytes: int) -> int:
+    """Copy ``nbytes`` from ``source_fd`` to ``fd`` (at ``offset``, or at its file position when
+    None) with ``copy_file_range``. Returns the bytes copied: fewer than ``nbytes`` only where the
+    kernel cannot copy between these two files, for the caller to go through memory instead."""
+    done = 0
+    while done < nbytes and hasattr(os, "copy_file_range"):
+        try:
+            got = os.copy_file_range(source_fd, fd, nbytes - done, source_offset + done,
+                                     None if offset is None else offset + done)
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+            break
+        if got <= 0:
+            raise OSError(f"short read at byte {source_offset + done} of a source file")
+        done += got
+    return done
+
+
 def write_tensor_at(fd: int, offset: int, tensor) -> int:
     """Write a contiguous tensor's bytes at ``offset`` of ``fd`` (positional, so lanes may write
     different parts of one file at once); a source file range is copied by the kernel."""
     tensor = as_array(tensor)
     nbytes = tensor.nbytes
     source = file_range(tensor)
-    done = 0
-    if source is not None:
-        source_fd, source_offset = source
-        while done < nbytes and hasattr(os, "copy_file_range"):
-            try:
-                got = os.copy_file_range(source_fd, fd, nbytes - done, source_offset + done, offset + done)
-            except OSError as exc:
-                if exc.errno not in _NO_KERNEL_COPY:
-                    raise
-                break  # no kernel copy between these files: go through memory below
-            if got <= 0:
-                raise OSError(f"short read at byte {source_offset + done} of a source file")
-            done += got
+    done = kernel_copy(*source, fd, offset, nbytes) if source is not None else 0
     if done < nbytes:
         data = tensor.bytes_view()
         address = tensor.data_ptr()
@@ -312,8 +311,16 @@ class WriterLanes:
                 self._queued -= size
                 self._space.notify_all()
 
+    def wait_for_room(self, size: int) -> None:
+        """Block while jobs are queued and ``size`` more bytes would exceed the bound (a caller
+        may wait before it reads the next tensors, so memory never holds a backlog of them)."""
+        with self._space:
+            while self._queued > 0 and self._queued + size > self._max_queued:
+                self._space.wait()
+
     def submit(self, lane: int, work, size: int) -> None:
-        """Queue ``work()`` on ``lane`` (mod the lane count); it holds ``size`` bytes until run."""
+        """Queue ``work()`` on ``lane`` (mod the lane count); it holds ``size`` bytes until run.
+        Raises the error an earlier job hit (disk full, ...)."""
         if self._error is not None:
             raise self._error
         with self._space:
@@ -330,3 +337,11 @@ class WriterLanes:
             thread.join()
         if self._error is not None:
             raise self._error
+
+    def abort(self) -> None:
+        """Skip the jobs still queued and stop the threads; raises nothing."""
+        self._error = self._error or RuntimeError("aborted")
+        try:
+            self.close()
+        except BaseException:
+            pass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from ckptconv.array import DType, dtype_of
+from ckptconv.array import DType, dtype_of, numel
 from ckptconv.errors import ConversionError
 from ckptconv.pages import WriterLanes, write_tensor_at
 
@@ -28,10 +28,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return self.dtype.itemsize * numel(self.shape)
 
 
 @dataclass

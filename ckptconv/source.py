@@ -14,7 +14,6 @@ Pickle weights (``*.bin``, ``*.pt``) are refused: we never unpickle a checkpoint
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import struct
@@ -62,14 +61,9 @@ class HFCheckpoint:
             handle = self._handles[info.file] = open(self.root / info.file, "rb", buffering=0)
         if info.nbytes == 0:
             return Array.zeros(info.shape, info.array_dtype)
-        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
-        # MAP_PRIVATE + PROT_WRITE: a writable array (torch wants one when a cast needs it) whose
-        # writes never reach the file.
-        region = mmap.mmap(handle.fileno(), info.offset + info.nbytes - start, flags=mmap.MAP_PRIVATE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
         # The backing lets writers copy bytes that are still this file range file to file (pages.py).
-        return Array.frombuffer(region, info.array_dtype, info.shape, offset=info.offset - start,
-                                backing=FileBacking(region, handle.fileno(), start))
+        data, backing = FileBacking.map(handle.fileno(), info.offset, info.nbytes)
+        return Array.frombuffer(data, info.array_dtype, info.shape, backing=backing)
 
     def sidecar_files(self) -> list[Path]:
         """Config, tokenizer and processor files to carry along (never weights or the index)."""

@@ -20,18 +20,16 @@ the chunk table directly, so a single tensor can be fetched without loading the 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import pickle
-import queue
-import threading
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from ckptconv.array import BY_TORCH_NAME, Array, DType, FileBacking, dtype_of
+from ckptconv.array import BY_TORCH_NAME, Array, DType, FileBacking, dtype_of, numel
 from ckptconv.errors import ConversionError
 from ckptconv.manifest import checksum_bytes
-from ckptconv.pages import OutputFile
+from ckptconv.pages import OutputFile, WriterLanes
 from ckptconv.pickles import Call, Global, Obj, dumps
 from ckptconv.torch_save_format import object_bytes, read_object, read_tensor, write_tensor
 from ckptconv.transforms import RowBlocks
@@ -96,79 +94,56 @@ class LocalIndex:
     bytes_written: int = 0
 
 
-class _Lane:
-    """One writer thread and the ``.distcp`` file it appends to."""
+class _LaneFile:
+    """The ``.distcp`` file one writer lane appends to, and what it has written there."""
 
     def __init__(self, path: Path):
         self.file_name = path.name
         self.file = OutputFile(path, checksum=True)
-        self.queue: queue.Queue = queue.Queue()
         self.assigned = 0
         """Bytes handed to this lane so far (balances the lanes)."""
         self.storage: dict[StorageKey, StorageInfo] = {}
-        self.thread: threading.Thread | None = None
+
+    def append(self, index: StorageKey, payload) -> None:
+        """Runs on the lane's thread: one chunk archive (or object bytes) at the end of the file."""
+        start = self.file.offset
+        if isinstance(payload, bytes):
+            self.file.write(payload)
+        else:
+            write_tensor(self.file, *payload)
+        self.storage[index] = StorageInfo(self.file_name, start, self.file.offset - start)
 
 
 class DistCheckpointWriter:
     """Appends chunks to ``__<rank>_<lane>.distcp``, one file per writer lane.
 
     The caller (reading and transforming HF tensors) hands each chunk over and moves on; writer
-    threads serialize and write them, so reading the next tensor overlaps with writing this one.
-    Several lanes write in parallel (each to its own file, the layout DCP itself writes with
-    ``thread_count > 1``): a kernel file-to-file copy keeps one core busy, and a second one roughly
-    doubles the throughput on a warm page cache (docs/benchmarks.md). The hand-over is bounded in
-    bytes, which bounds memory by a few tensors, not the model.
+    threads (:class:`~ckptconv.pages.WriterLanes`) serialize and write them, so reading the next
+    tensor overlaps with writing this one. Several lanes write in parallel (each to its own file,
+    the layout DCP itself writes with ``thread_count > 1``): a kernel file-to-file copy keeps one
+    core busy, and a second one roughly doubles the throughput on a warm page cache
+    (docs/benchmarks.md). The hand-over is bounded in bytes, which bounds memory by a few tensors,
+    not the model.
     """
 
     def __init__(self, directory: Path, rank: int = 0, max_queued_bytes: int = 256 * 1024 * 1024, lanes: int = 2):
         self.directory = Path(directory)
         self.index = LocalIndex()
-        self._lanes = [_Lane(self.directory / f"__{rank}_{i}.distcp") for i in range(max(1, lanes))]
-        self._queued_bytes = 0
-        self._max_queued_bytes = max_queued_bytes
-        self._space = threading.Condition()
-        self._error: BaseException | None = None
-        for i, lane in enumerate(self._lanes):
-            lane.thread = threading.Thread(target=self._drain, args=(lane,), name=f"ckptconv-writer-{i}", daemon=True)
-            lane.thread.start()
-
-    def _drain(self, lane: _Lane) -> None:
-        while True:
-            job = lane.queue.get()
-            if job is None:
-                return
-            index, payload, size = job
-            if self._error is None:
-                try:
-                    start = lane.file.offset
-                    if isinstance(payload, bytes):
-                        lane.file.write(payload)
-                    else:
-                        write_tensor(lane.file, *payload)
-                    lane.storage[index] = StorageInfo(lane.file_name, start, lane.file.offset - start)
-                except BaseException as exc:  # disk full etc.: surfaced on the next write / close
-                    self._error = exc
-            del payload
-            with self._space:
-                self._queued_bytes -= size
-                self._space.notify_all()
+        self._files = [_LaneFile(self.directory / f"__{rank}_{i}.distcp") for i in range(max(1, lanes))]
+        self._lanes = WriterLanes(len(self._files), max_queued_bytes)
 
     def wait_for_room(self, size: int) -> None:
-        """Block while the queues hold work and ``size`` more bytes would exceed the bound."""
-        with self._space:
-            while self._queued_bytes > 0 and self._queued_bytes + size > self._max_queued_bytes:
-                self._space.wait()
+        """Block while the lanes hold work and ``size`` more bytes would exceed the bound."""
+        self._lanes.wait_for_room(size)
 
     def _submit(self, index: StorageKey, payload) -> None:
-        if self._error is not None:
-            raise ConversionError(f"writing {self.directory} failed: {self._error}")
         size = payload[0].nbytes if isinstance(payload, tuple) else len(payload)
-        self.wait_for_room(size)
-        with self._space:
-            self._queued_bytes += size
-        lane = min(self._lanes, key=lambda lane: lane.assigned)
-        lane.assigned += size
-        lane.queue.put((index, payload, size))
+        lane = min(range(len(self._files)), key=lambda i: self._files[i].assigned)
+        self._files[lane].assigned += size
+        try:
+            self._lanes.submit(lane, partial(self._files[lane].append, index, payload), size)
+        except BaseException as exc:  # an earlier chunk's write failed (disk full, ...)
+            raise ConversionError(f"writing {self.directory} failed: {exc}") from None
 
     def write_chunk(self, key: str, global_shape: tuple[int, ...], offsets: tuple[int, ...], chunk,
                     shape: tuple[int, ...] | None = None) -> None:
@@ -193,31 +168,22 @@ class DistCheckpointWriter:
         self.index.objects.add(fqn)
         self._submit((fqn, None), object_bytes(obj))
 
-    def _stop(self) -> None:
-        for lane in self._lanes:
-            lane.queue.put(None)
-        for lane in self._lanes:
-            lane.thread.join()
-
     def close(self) -> LocalIndex:
-        self._stop()
         try:
-            if self._error is not None:
-                raise self._error
-            digests = [lane.file.close() for lane in self._lanes]
+            self._lanes.close()
+            digests = [lane.file.close() for lane in self._files]
         except BaseException as exc:
             self.abort()
             raise ConversionError(f"writing {self.directory} failed: {exc}") from None
-        for lane, digest in zip(self._lanes, digests):
+        for lane, digest in zip(self._files, digests):
             self.index.storage.update(lane.storage)
             self.index.file_hashes[lane.file_name] = digest
             self.index.bytes_written += lane.file.offset
         return self.index
 
     def abort(self) -> None:
-        self._error = self._error or RuntimeError("aborted")
-        self._stop()
-        for lane in self._lanes:
+        self._lanes.abort()
+        for lane in self._files:
             lane.file.abort()
 
 
@@ -257,16 +223,9 @@ def _check_chunks_tile(entries: dict) -> None:
     for key, md in entries.items():
         if not isinstance(md, TensorMeta):
             continue
-        covered = sum(_numel(chunk.sizes) for chunk in md.chunks)
-        if covered != _numel(md.size):
-            raise ConversionError(f"{key}: chunks cover {covered} of {_numel(md.size)} elements (a layer or expert is missing or doubled)")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        covered = sum(numel(chunk.sizes) for chunk in md.chunks)
+        if covered != numel(md.size):
+            raise ConversionError(f"{key}: chunks cover {covered} of {numel(md.size)} elements (a layer or expert is missing or doubled)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -474,11 +433,8 @@ class DistCheckpointReader:
             handle = self._files[info.relative_path] = open(path, "rb")
         if info.offset + info.length > os.fstat(handle.fileno()).st_size:
             raise ConversionError(f"{path}: truncated (chunk of {index[0]} at byte {info.offset} needs {info.length} bytes)")
-        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
-        region = mmap.mmap(handle.fileno(), info.offset + info.length - start, flags=mmap.MAP_PRIVATE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
         # The backing lets writers copy bytes that are still this file range file to file (pages.py).
-        return memoryview(region)[info.offset - start:], FileBacking(region, handle.fileno(), start)
+        return FileBacking.map(handle.fileno(), info.offset, info.length)
 
     def read(self, key: str, axis_index: tuple[int, ...] = ()) -> Array:
         """The tensor at ``axis_index`` on the leading (layer / expert) axes, assembled from every

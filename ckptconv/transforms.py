@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ckptconv.array import cat, chunk, split, stack
+from ckptconv.array import cat, chunk, numel, split, stack
 from ckptconv.errors import ConversionError
 from ckptconv.spec import ModelSpec
 
@@ -72,8 +72,8 @@ class RowBlocks:
         self.shape = tuple(shape) if shape is not None else rows
         if any(tuple(p.shape[1:]) != tuple(first.shape[1:]) or p.dtype != first.dtype for p in self.parts):
             raise ValueError("row blocks must agree in trailing shape and dtype")
-        if _numel(self.shape) != _numel(rows):
-            raise ValueError(f"row blocks of {_numel(rows)} elements cannot be viewed as {list(self.shape)}")
+        if numel(self.shape) != numel(rows):
+            raise ValueError(f"row blocks of {numel(rows)} elements cannot be viewed as {list(self.shape)}")
 
     @property
     def nbytes(self) -> int:
@@ -125,13 +125,6 @@ class RowBlocks:
     def materialize(self):
         whole = cat([p.reshape(-1, *p.shape[1:]) for p in self.parts], dim=0) if len(self.parts) > 1 else self.parts[0]
         return whole.reshape(self.shape)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 TRANSFORMS: dict[str, Transform] = {}
