@@ -69,8 +69,8 @@ def run_reporting_errors(debug: bool, fn):
 
 
 def _print_summary(summary, as_json: bool) -> None:
-    from ckptconv import distributed
-    from ckptconv.report import summary_table
+    from ckptconv.pipeline import distributed
+    from ckptconv.pipeline.report import summary_table
 
     if distributed.rank_and_world()[0] != 0:
         return
@@ -97,13 +97,13 @@ def hf_to_mcore(
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
 ):
     """Convert a Hugging Face checkpoint to a Megatron-Core torch_dist checkpoint, streaming."""
-    from ckptconv import distributed
+    from ckptconv.pipeline import distributed
 
     distributed.init_from_env()
 
     def work():
-        from ckptconv.hf_to_mcore import convert_hf_to_mcore, describe_plan, prepare
-        from ckptconv.layout import ParallelLayout
+        from ckptconv.pipeline.hf_to_mcore import convert_hf_to_mcore, describe_plan, prepare
+        from ckptconv.core.layout import ParallelLayout
 
         if dry_run:
             planned = prepare(src, ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, make_vocab_size_divisible_by=vocab_multiple))
@@ -144,12 +144,12 @@ def mcore_to_hf(
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
 ):
     """Export a Megatron-Core torch_dist checkpoint back to Hugging Face safetensors, streaming."""
-    from ckptconv import distributed
+    from ckptconv.pipeline import distributed
 
     distributed.init_from_env()
 
     def work():
-        from ckptconv.mcore_to_hf import convert_mcore_to_hf
+        from ckptconv.pipeline.mcore_to_hf import convert_mcore_to_hf
 
         summary = convert_mcore_to_hf(
             ckpt, out, hf_config=hf_config, max_shard_size=max_shard_size, force=force, io_threads=io_threads,
@@ -172,7 +172,7 @@ def check(
     """Re-hash every file of a ckptconv checkpoint against the checksums in its ckptconv.json."""
 
     def work():
-        from ckptconv.manifest import check_checkpoint
+        from ckptconv.pipeline.manifest import check_checkpoint
 
         problems = check_checkpoint(ckpt)
         if as_json:

@@ -1,4 +1,4 @@
-"""``ckptconv verify SRC CKPT``: the command-line face of :mod:`ckptconv.verify`.
+"""``ckptconv verify SRC CKPT``: the command-line face of :mod:`ckptconv.verify.runner`.
 
 Exit status: 0 when every figure of every input is inside tolerance, 1 when any is not (the table
 or JSON says which, and names the worst input), 2 on errors (one line; ``--debug`` for the traceback).
@@ -78,7 +78,8 @@ def verify_command(
     if image is not None and no_image:
         _error("--image and --no-image contradict each other", 2)
     try:
-        from ckptconv.verify import render_table, report_json, run_verify
+        from ckptconv.verify.report import render_table, report_json
+        from ckptconv.verify.runner import run_verify
 
         report = run_verify(
             src,

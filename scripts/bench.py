@@ -53,7 +53,7 @@ SCRIPT = Path(__file__).resolve()
 BIN = Path(sys.executable).parent
 GIB = 1024**3
 
-# name -> how to build it. "tiny" is ckptconv.fixtures.make_tiny_qwen2_5_vl (bf16); the others are
+# name -> how to build it. "tiny" is the Qwen2.5-VL tiny fixture (bf16); the others are
 # make_real_width(family, num_layers=..., variant=..., num_experts=...), bf16, 2 vision blocks.
 MODELS: dict[str, dict] = {
     "tiny": dict(label="tiny Qwen2.5-VL (2 layers, hidden 64)", tiny=True),
@@ -199,7 +199,7 @@ def job_build(name: str, out: str) -> None:
 
     spec = MODELS[name]
     if spec.get("tiny"):
-        fixtures.make_tiny_qwen2_5_vl(out, dtype=torch.bfloat16, with_processor=False)
+        fixtures.make_tiny("qwen2_5_vl", out, dtype=torch.bfloat16, with_processor=False)
     else:
         fixtures.make_real_width(spec["family"], out, num_layers=spec["num_layers"], dtype=torch.bfloat16,
                                  variant=spec.get("variant"), num_experts=spec.get("num_experts"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ckptconv.fixtures import make_tiny_qwen2_5_vl
+from ckptconv.families.qwen2_5_vl.fixtures import make_tiny_qwen2_5_vl
 
 
 def run(*args: str) -> None:

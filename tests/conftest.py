@@ -51,14 +51,14 @@ def torchrun(script_or_module: list[str], nproc: int = 2, timeout: int = 300) ->
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory) -> Path:
     """Tiny random Qwen2.5-VL, untied lm_head, GQA (4 heads, 2 KV groups), qkv bias, vocab 320."""
-    from ckptconv.fixtures import make_tiny_qwen2_5_vl
+    from ckptconv.families.qwen2_5_vl.fixtures import make_tiny_qwen2_5_vl
 
     return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "hf")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen_tied(tmp_path_factory) -> Path:
-    from ckptconv.fixtures import make_tiny_qwen2_5_vl
+    from ckptconv.families.qwen2_5_vl.fixtures import make_tiny_qwen2_5_vl
 
     return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen_tied") / "hf", tie_word_embeddings=True, seed=1)
 

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from conftest import REPO, cli_env, run_cli
 from ckptconv.cli import app
-from ckptconv.hf_to_mcore import convert_hf_to_mcore
-from ckptconv.outdir import staging_path
+from ckptconv.pipeline.hf_to_mcore import convert_hf_to_mcore
+from ckptconv.pipeline.outdir import staging_path
 
 
 def invoke(*args) -> tuple[int, str]:
@@ -218,7 +218,7 @@ def test_force_replaces_output_only_after_success(tiny_qwen, tmp_path):
 
 def test_disk_full_mid_write_leaves_nothing_behind(tiny_qwen, tmp_path, monkeypatch):
     """The writer thread hits ENOSPC: one line, exit non-zero, no output and no staging directory."""
-    from ckptconv.pages import OutputFile
+    from ckptconv.formats.pages import OutputFile
 
     budget = {"bytes": 200_000}
     real_write_all, real_copy_range = OutputFile._write_all, OutputFile.copy_range
@@ -247,7 +247,7 @@ def test_disk_full_mid_write_leaves_nothing_behind(tiny_qwen, tmp_path, monkeypa
 
 def test_kill_9_mid_write_leaves_no_valid_looking_checkpoint_and_a_rerun_succeeds(tmp_path):
     """A real process killed with SIGKILL while writing (a ~400 MB model, so there is time)."""
-    from ckptconv.fixtures import make_tiny_qwen2_5_vl
+    from ckptconv.families.qwen2_5_vl.fixtures import make_tiny_qwen2_5_vl
 
     model = make_tiny_qwen2_5_vl(tmp_path / "model", seed=5)
     # Swap in a large vocabulary so the conversion takes a while: 400k x 64 fp32 per embedding.
@@ -311,7 +311,7 @@ def _missing_data_file(ckpt, tmp):
 
 def _missing_tensors(ckpt, tmp):
     """The metadata no longer lists one vision tensor."""
-    from ckptconv.torch_dist import DistCheckpointReader, dcp_metadata_pickle
+    from ckptconv.formats.torch_dist import DistCheckpointReader, dcp_metadata_pickle
 
     bad = Path(shutil.copytree(ckpt, tmp / "missing"))
     metadata = DistCheckpointReader(bad).metadata

@@ -2,7 +2,7 @@
 
 * nested (transformers) and flat (released "Thinking") configs of one model normalize to one spec;
 * the mapping table produces exactly the keys, global shapes and ``_extra_state`` objects of a real
-  megatron-core model (the dual-pool MoE model of ``ckptconv.megatron.ernie4_5_vl_moe``);
+  megatron-core model (the dual-pool MoE model of ``ckptconv.families.ernie4_5_vl_moe.model``);
 * weights placed through the table give the HF model's logits (fp32, <= 1e-4), text-only and with an
   image, with image tokens routed to the vision experts; swapped pools are caught;
 * through the converter: HF -> torch_dist loads strictly (EP=1 here, TP=2 / EP=2 under torchrun) and
@@ -26,11 +26,11 @@ import torch
 
 from ckptconv.errors import ConversionError
 from ckptconv.families import normalize_config
-from ckptconv.layout import ParallelLayout
-from ckptconv.mapping import load_table
-from ckptconv.plan import build_plan
-from ckptconv.transforms import TransformContext
-from ckptconv.transforms import get as get_transform
+from ckptconv.core.layout import ParallelLayout
+from ckptconv.core.mapping import load_table
+from ckptconv.core.plan import build_plan
+from ckptconv.core.transforms import TransformContext
+from ckptconv.core.transforms import get as get_transform
 
 FAMILY = "ernie4_5_vl_moe"
 TOLERANCE = 1e-4  # fp32 max-abs logit difference; the implementations differ only in summation order
@@ -91,7 +91,7 @@ def model_manifest(model) -> dict[str, tuple[str, list[int]]]:
 
 
 def build_filled_model(spec, tensors: dict[str, torch.Tensor], padded_vocab_size: int):
-    from ckptconv.megatron.ernie4_5_vl_moe import build_model
+    from ckptconv.families.ernie4_5_vl_moe.model import build_model
     from ckptconv.megatron.load import fill_from_global_tensors
 
     model = build_model(spec, padded_vocab_size=padded_vocab_size)
@@ -103,7 +103,7 @@ def load_hf_reference(hf_dir: Path, spec):
     from transformers import Ernie4_5_VLMoeForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
-    from ckptconv.megatron.ernie4_5_vl_moe import hf_config
+    from ckptconv.families.ernie4_5_vl_moe.model import hf_config
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -111,8 +111,8 @@ def load_hf_reference(hf_dir: Path, spec):
 
 
 def verify_inputs(spec, hf_dir: Path) -> dict[str, tuple[dict, dict, torch.Tensor]]:
-    from ckptconv.megatron.ernie4_5_vl_moe import prepare_verify_inputs
-    from ckptconv.verify import synthetic_image
+    from ckptconv.families.ernie4_5_vl_moe.inputs import prepare_verify_inputs
+    from ckptconv.verify.inputs import synthetic_image
 
     return {
         "text-only": prepare_verify_inputs(spec, hf_dir, prompt=PROMPT, image=None),
@@ -133,7 +133,7 @@ def max_abs_diffs(hf_model, model, inputs) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def ernie_dirs(tmp_path_factory) -> dict[str, Path]:
-    from ckptconv.fixtures import make_tiny_ernie4_5_vl_moe
+    from ckptconv.families.ernie4_5_vl_moe.fixtures import make_tiny_ernie4_5_vl_moe
 
     root = tmp_path_factory.mktemp("ernie")
     return {
@@ -358,7 +358,7 @@ def test_raw_pixels_are_normalized_inside_the_model(tiny):
 
 
 def test_hf_to_mcore_checkpoint_loads_strictly_and_matches_hf(tiny, tmp_path):
-    from ckptconv.hf_to_mcore import convert_hf_to_mcore
+    from ckptconv.pipeline.hf_to_mcore import convert_hf_to_mcore
     from ckptconv.megatron.load import build_and_load
 
     convert_hf_to_mcore(str(tiny["dir"]), tmp_path / "mcore")
@@ -370,8 +370,8 @@ def test_hf_to_mcore_checkpoint_loads_strictly_and_matches_hf(tiny, tmp_path):
 
 @pytest.mark.parametrize("shape", ["nested", "flat"])
 def test_round_trip_hf_mcore_hf_is_bit_exact(ernie_dirs, parallel_state_tp1, tmp_path, shape):
-    from ckptconv.hf_to_mcore import convert_hf_to_mcore
-    from ckptconv.mcore_to_hf import convert_mcore_to_hf
+    from ckptconv.pipeline.hf_to_mcore import convert_hf_to_mcore
+    from ckptconv.pipeline.mcore_to_hf import convert_mcore_to_hf
 
     src = ernie_dirs[shape]
     convert_hf_to_mcore(str(src), tmp_path / "mcore")
@@ -435,7 +435,7 @@ def _parallel_worker(hf_dir: Path, ckpt_dir: Path) -> None:
     tensors = global_tensors(plan, hf_dir)
     check("tp2", build_filled_model(spec, tensors, plan.padded_vocab_size), plan, tensors)
 
-    from ckptconv.hf_to_mcore import convert_hf_to_mcore
+    from ckptconv.pipeline.hf_to_mcore import convert_hf_to_mcore
     from ckptconv.megatron.load import build_and_load
 
     runtime.init_parallel(tp=1, ep=2, device="cpu")
@@ -452,8 +452,8 @@ if __name__ == "__main__":
 
 def test_dtype_bf16_keeps_the_routers_in_their_source_dtype(ernie_dirs, tmp_path):
     """--dtype bf16 casts weights, but router weights and score-correction biases keep fp32."""
-    from ckptconv.hf_to_mcore import convert_hf_to_mcore
-    from ckptconv.torch_dist import DistCheckpointReader
+    from ckptconv.pipeline.hf_to_mcore import convert_hf_to_mcore
+    from ckptconv.formats.torch_dist import DistCheckpointReader
 
     convert_hf_to_mcore(str(ernie_dirs["nested"]), tmp_path / "bf16", dtype="bf16")
     reader = DistCheckpointReader(tmp_path / "bf16")

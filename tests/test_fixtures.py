@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from ckptconv import fixtures as F
+from ckptconv.families.ernie4_5_vl_moe import fixtures as FE
+from ckptconv.families.qwen2_5_vl import fixtures as FQ
+from ckptconv.families.step3p7 import fixtures as FS
 
 
 def _load(path):
@@ -34,7 +37,7 @@ def _assert_clean_load_and_forward(path, vocab_size):
 @pytest.mark.parametrize("tie", [False, True])
 def test_qwen2_5_vl_tiny(tmp_path, tie):
     t0 = time.perf_counter()
-    path = F.make_tiny_qwen2_5_vl(tmp_path / "q", tie_word_embeddings=tie)
+    path = FQ.make_tiny_qwen2_5_vl(tmp_path / "q", tie_word_embeddings=tie)
     assert time.perf_counter() - t0 < 10  # includes first-time imports
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["model_type"] == "qwen2_5_vl"
@@ -58,12 +61,12 @@ def test_qwen2_5_vl_tiny(tmp_path, tie):
 def test_qwen2_5_vl_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    path = F.make_tiny_qwen2_5_vl(tmp_path / "q")
+    path = FQ.make_tiny_qwen2_5_vl(tmp_path / "q")
     tok = AutoTokenizer.from_pretrained(path)
-    for token, idx in F.QWEN_TINY_SPECIAL_TOKENS.items():
+    for token, idx in FQ.QWEN_TINY_SPECIAL_TOKENS.items():
         assert tok.convert_tokens_to_ids(token) == idx
     ids = tok("hi <|vision_start|><|image_pad|><|vision_end|>").input_ids
-    assert F.QWEN_TINY_SPECIAL_TOKENS["<|image_pad|>"] in ids
+    assert FQ.QWEN_TINY_SPECIAL_TOKENS["<|image_pad|>"] in ids
     assert max(ids) < 320
     assert tok.decode(tok("hello world").input_ids) == "hello world"
 
@@ -71,9 +74,9 @@ def test_qwen2_5_vl_tokenizer(tmp_path):
 def test_deterministic(tmp_path):
     from safetensors.torch import load_file
 
-    a = F.make_tiny_qwen2_5_vl(tmp_path / "a", seed=3, with_processor=False)
-    b = F.make_tiny_qwen2_5_vl(tmp_path / "b", seed=3, with_processor=False)
-    c = F.make_tiny_qwen2_5_vl(tmp_path / "c", seed=4, with_processor=False)
+    a = FQ.make_tiny_qwen2_5_vl(tmp_path / "a", seed=3, with_processor=False)
+    b = FQ.make_tiny_qwen2_5_vl(tmp_path / "b", seed=3, with_processor=False)
+    c = FQ.make_tiny_qwen2_5_vl(tmp_path / "c", seed=4, with_processor=False)
     sa, sb, sc = (load_file(p / "model.safetensors") for p in (a, b, c))
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -84,13 +87,13 @@ def test_deterministic(tmp_path):
 
 
 def test_bf16_dtype(tmp_path):
-    path = F.make_tiny_ernie4_5_vl_moe(tmp_path / "e", dtype=torch.bfloat16)
+    path = FE.make_tiny_ernie4_5_vl_moe(tmp_path / "e", dtype=torch.bfloat16)
     shapes = F.list_disk_tensors(path)
     assert {dt for _, dt in shapes.values()} == {"BF16"}
 
 
 def test_ernie_nested(tmp_path):
-    path = F.make_tiny_ernie4_5_vl_moe(tmp_path / "e")
+    path = FE.make_tiny_ernie4_5_vl_moe(tmp_path / "e")
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["model_type"] == "ernie4_5_vl_moe"
     tc = cfg["text_config"]
@@ -111,8 +114,8 @@ def test_ernie_nested(tmp_path):
 
 
 def test_ernie_flat(tmp_path):
-    nested = F.make_tiny_ernie4_5_vl_moe(tmp_path / "n")
-    flat = F.make_tiny_ernie4_5_vl_moe(tmp_path / "f", flat=True)
+    nested = FE.make_tiny_ernie4_5_vl_moe(tmp_path / "n")
+    flat = FE.make_tiny_ernie4_5_vl_moe(tmp_path / "f", flat=True)
     cfg = json.loads((flat / "config.json").read_text())
     assert "text_config" not in cfg
     assert cfg["model_type"] == "ernie4_5_vl_moe"
@@ -127,7 +130,7 @@ def test_ernie_flat(tmp_path):
 
 
 def test_step3p7(tmp_path):
-    path = F.make_tiny_step3p7(tmp_path / "s")
+    path = FS.make_tiny_step3p7(tmp_path / "s")
     cfg = json.loads((path / "config.json").read_text())
     tc = cfg["text_config"]
     assert set(tc["layer_types"]) == {"full_attention", "sliding_attention"}
@@ -148,11 +151,11 @@ def test_hf_disk_layout_matches_save_pretrained(tmp_path):
     from transformers import Ernie4_5_VLMoeForConditionalGeneration, Step3p7ForConditionalGeneration
 
     for builder, cls, cfg_fn in (
-        (F.make_tiny_ernie4_5_vl_moe, Ernie4_5_VLMoeForConditionalGeneration, F._ernie_tiny_config),
-        (F.make_tiny_step3p7, Step3p7ForConditionalGeneration, F._step3p7_tiny_config),
+        (FE.make_tiny_ernie4_5_vl_moe, Ernie4_5_VLMoeForConditionalGeneration, FE._ernie_tiny_config),
+        (FS.make_tiny_step3p7, Step3p7ForConditionalGeneration, FS._step3p7_tiny_config),
     ):
         path = builder(tmp_path / cls.__name__)
-        cfg = cfg_fn(3) if cfg_fn is F._ernie_tiny_config else cfg_fn()
+        cfg = cfg_fn(3) if cfg_fn is FE._ernie_tiny_config else cfg_fn()
         with torch.device("meta"):
             model = cls(cfg)
         layout = {k: tuple(v.shape) for k, v in F.hf_disk_layout(model).items()}
@@ -164,7 +167,7 @@ def test_real_width_writer_sharded(tmp_path, monkeypatch):
     """make_real_width's meta-model -> sharded safetensors writer, on a tiny config (fast)."""
     from transformers import Step3p7ForConditionalGeneration
 
-    monkeypatch.setattr(F, "_real_config", lambda *a, **k: (Step3p7ForConditionalGeneration, F._step3p7_tiny_config()))
+    monkeypatch.setattr(FS, "real_width_config", lambda *a, **k: (Step3p7ForConditionalGeneration, FS._step3p7_tiny_config()))
     path = F.make_real_width("step3p7", tmp_path / "rw", num_layers=4, max_shard_bytes=40_000)
     index = json.loads((path / "model.safetensors.index.json").read_text())
     files = set(index["weight_map"].values())
@@ -184,7 +187,7 @@ def test_real_width_writer_sharded(tmp_path, monkeypatch):
 def test_hub_cache(tmp_path):
     from huggingface_hub import snapshot_download
 
-    model_dir = F.make_tiny_step3p7(tmp_path / "m")
+    model_dir = FS.make_tiny_step3p7(tmp_path / "m")
     cache = tmp_path / "hub"
     snap = F.make_hub_cache(cache, "org/tiny-step", model_dir)
     resolved = snapshot_download("org/tiny-step", cache_dir=cache, local_files_only=True)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import HELPERS, REPO, run_cli, torchrun
-from ckptconv.hf_to_mcore import convert_hf_to_mcore, describe_plan, prepare
-from ckptconv.layout import ParallelLayout
-from ckptconv.torch_dist import DistCheckpointReader
+from ckptconv.pipeline.hf_to_mcore import convert_hf_to_mcore, describe_plan, prepare
+from ckptconv.core.layout import ParallelLayout
+from ckptconv.formats.torch_dist import DistCheckpointReader
 
 GOLDEN_KEYS = REPO / "tests" / "data" / "qwen2_5_vl_tiny_keys.json"
 
@@ -106,7 +106,7 @@ def test_dry_run_lists_every_hf_key_and_writes_nothing(tiny_qwen, tmp_path):
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     listed = [name for item in plan["items"] for name in item["hf"]]
-    from ckptconv.source import open_hf_checkpoint
+    from ckptconv.pipeline.source import open_hf_checkpoint
 
     assert sorted(listed) == sorted(open_hf_checkpoint(str(tiny_qwen)).tensors)
     qkv = next(i for i in plan["items"] if i["hf"][0] == "model.layers.1.self_attn.q_proj.weight")

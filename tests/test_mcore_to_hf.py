@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import HELPERS, read_safetensors_dir, run_cli, torchrun
-from ckptconv.hf_to_mcore import convert_hf_to_mcore
-from ckptconv.mcore_to_hf import convert_mcore_to_hf
+from ckptconv.pipeline.hf_to_mcore import convert_hf_to_mcore
+from ckptconv.pipeline.mcore_to_hf import convert_mcore_to_hf
 
 
 def assert_same_checkpoint(original_dir, exported_dir):
@@ -32,7 +32,7 @@ def test_round_trip_is_bit_exact(fixture, tp, request, tmp_path):
 
 
 def test_bf16_round_trip_is_bit_exact(tmp_path):
-    from ckptconv.fixtures import make_tiny_qwen2_5_vl
+    from ckptconv.families.qwen2_5_vl.fixtures import make_tiny_qwen2_5_vl
 
     hf = make_tiny_qwen2_5_vl(tmp_path / "src", dtype=torch.bfloat16, seed=3)
     convert_hf_to_mcore(str(hf), tmp_path / "mcore", tp=2)
@@ -87,8 +87,8 @@ def test_cli_round_trip_with_json_summary(tiny_qwen, tmp_path):
 @pytest.mark.parametrize("layout", [dict(tp=2, pp=3, ep=2, etp=2), dict(tp=1, pp=1, ep=4, etp=1)], ids=["tp2-pp3-ep2-etp2", "ep4"])
 def test_every_parallel_layout_round_trips_bit_exact(layout, tmp_path):
     """TP/PP/EP/expert-TP only change how tensors are chunked on disk, never their values."""
-    from ckptconv.fixtures import make_tiny_ernie4_5_vl_moe
-    from ckptconv.torch_dist import DistCheckpointReader
+    from ckptconv.families.ernie4_5_vl_moe.fixtures import make_tiny_ernie4_5_vl_moe
+    from ckptconv.formats.torch_dist import DistCheckpointReader
 
     hf = make_tiny_ernie4_5_vl_moe(tmp_path / "hf")
     convert_hf_to_mcore(str(hf), tmp_path / "mcore", **layout)

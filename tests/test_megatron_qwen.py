@@ -82,7 +82,7 @@ def megatron_from_hf(hf_dir, tp: int):
     from safetensors.torch import load_file
 
     from ckptconv.megatron.load import fill_from_global_tensors
-    from ckptconv.megatron.qwen2_5_vl import build_model
+    from ckptconv.families.qwen2_5_vl.model import build_model
 
     spec = load_spec(hf_dir)
     padded = padded_vocab(spec.vocab_size, tp)
@@ -93,7 +93,7 @@ def megatron_from_hf(hf_dir, tp: int):
 
 def test_inputs(hf_dir):
     """The verify inputs: text-only, and with the synthetic 6x10-patch image."""
-    from ckptconv.verify import build_inputs
+    from ckptconv.verify.inputs import build_inputs
 
     text, image = build_inputs(load_spec(hf_dir), hf_dir)
     return text, image
@@ -127,7 +127,7 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 120) -> subprocess.
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
-    from ckptconv.fixtures import make_tiny_qwen2_5_vl
+    from ckptconv.families.qwen2_5_vl.fixtures import make_tiny_qwen2_5_vl
 
     return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "hf", seed=0)
 
@@ -151,7 +151,7 @@ def hf_model(tiny_hf):
 
 def test_sharded_state_dict_keys_and_shapes_match_the_golden_manifest(tiny_hf, parallel):
     from ckptconv.megatron.load import sharded_manifest
-    from ckptconv.megatron.qwen2_5_vl import build_model
+    from ckptconv.families.qwen2_5_vl.model import build_model
 
     spec = load_spec(tiny_hf)
     model = build_model(spec, padded_vocab_size=padded_vocab(spec.vocab_size, 1))
@@ -174,9 +174,9 @@ def test_manifest_spells_out_the_contract(tiny_hf):
 
 
 def test_tied_embeddings_have_no_output_layer(tmp_path, parallel):
-    from ckptconv.fixtures import make_tiny_qwen2_5_vl
+    from ckptconv.families.qwen2_5_vl.fixtures import make_tiny_qwen2_5_vl
     from ckptconv.megatron.load import sharded_manifest
-    from ckptconv.megatron.qwen2_5_vl import build_model
+    from ckptconv.families.qwen2_5_vl.model import build_model
 
     spec = load_spec(make_tiny_qwen2_5_vl(tmp_path / "tied", tie_word_embeddings=True, with_processor=False))
     keys = sharded_manifest(build_model(spec, padded_vocab_size=384).sharded_state_dict())
@@ -186,7 +186,7 @@ def test_tied_embeddings_have_no_output_layer(tmp_path, parallel):
 
 def test_padded_vocab_must_cover_the_vocab(tiny_hf, parallel):
     from ckptconv.errors import ConversionError
-    from ckptconv.megatron.qwen2_5_vl import build_model
+    from ckptconv.families.qwen2_5_vl.model import build_model
 
     with pytest.raises(ConversionError, match="padded vocab size 256"):
         build_model(load_spec(tiny_hf), padded_vocab_size=256)
@@ -225,7 +225,7 @@ def test_image_positions_are_3d_like_hf(tiny_hf, parallel):
 
 def test_wrong_weights_do_not_match_hf(tiny_hf, parallel, hf_model):
     """The equivalence check itself can fail: a model built from other weights is far off."""
-    from ckptconv.fixtures import make_tiny_qwen2_5_vl
+    from ckptconv.families.qwen2_5_vl.fixtures import make_tiny_qwen2_5_vl
 
     other = make_tiny_qwen2_5_vl(tiny_hf.parent / "other_seed", seed=1, with_processor=False)
     model, _ = megatron_from_hf(other, tp=1)
@@ -243,7 +243,7 @@ def test_saved_checkpoint_loads_back_bit_exact(tiny_hf, parallel, tmp_path):
     from megatron.core import dist_checkpointing
 
     from ckptconv.megatron.load import build_and_load
-    from ckptconv.torch_dist import resolve_checkpoint_dir
+    from ckptconv.formats.torch_dist import resolve_checkpoint_dir
 
     model, _ = megatron_from_hf(tiny_hf, tp=1)
     out = tmp_path / "mcore"
@@ -263,7 +263,7 @@ def test_saved_checkpoint_loads_back_bit_exact(tiny_hf, parallel, tmp_path):
 
 def test_checkpoint_layout_errors_are_one_clear_line(tmp_path):
     from ckptconv.errors import ConversionError
-    from ckptconv.torch_dist import resolve_checkpoint_dir
+    from ckptconv.formats.torch_dist import resolve_checkpoint_dir
 
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("release")
     with pytest.raises(ConversionError, match="names 'release' but .*release does not exist"):
@@ -277,11 +277,11 @@ def test_checkpoint_layout_errors_are_one_clear_line(tmp_path):
 
 def test_family_registry_names_missing_models():
     from ckptconv.errors import ConversionError
+    from ckptconv.families import QWEN2_5_VL
     from ckptconv.megatron.load import model_builder
-    from ckptconv.megatron.qwen2_5_vl import build_model
 
-    assert model_builder("qwen2_5_vl") is build_model
-    with pytest.raises(ConversionError, match="no Megatron model for family 'llama'"):
+    assert model_builder("qwen2_5_vl") == QWEN2_5_VL.build_model
+    with pytest.raises(ConversionError, match="unknown family 'llama'"):
         model_builder("llama")
 
 

@@ -19,10 +19,11 @@ import torch
 
 from ckptconv.errors import ConversionError
 from ckptconv.families import normalize_config
-from ckptconv.layout import ParallelLayout
-from ckptconv.mapping import load_table
-from ckptconv.plan import build_plan
-from ckptconv.transforms import TransformContext, get
+from ckptconv.core.layout import ParallelLayout
+from ckptconv.core.mapping import load_table
+from ckptconv.core.plan import build_plan
+from ckptconv.core.transforms import TransformContext
+from ckptconv.families.step3p7.transforms import TRANSFORMS as STEP_TRANSFORMS
 
 TOLERANCE = 1e-4  # max |logit difference| in fp32
 
@@ -30,7 +31,7 @@ TOLERANCE = 1e-4  # max |logit difference| in fp32
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def tiny_step(tmp_path_factory) -> Path:
-    from ckptconv.fixtures import make_tiny_step3p7
+    from ckptconv.families.step3p7.fixtures import make_tiny_step3p7
 
     return make_tiny_step3p7(tmp_path_factory.mktemp("step3p7") / "hf")
 
@@ -62,10 +63,10 @@ def _hf_model(directory: Path):
 
 
 def _megatron_model(spec, tensors_from: Path, tp: int = 1):
-    from ckptconv.hf_to_mcore import global_tensors_in_memory
+    from ckptconv.pipeline.hf_to_mcore import global_tensors_in_memory
     from ckptconv.megatron import runtime
     from ckptconv.megatron.load import fill_from_global_tensors
-    from ckptconv.megatron.step3p7 import build_model
+    from ckptconv.families.step3p7.model import build_model
 
     runtime.init_parallel(tp=tp, device="cpu")
     layout = ParallelLayout(tp=tp)
@@ -94,9 +95,9 @@ PROMPT = "Describe the picture: what is in it, and where? Answer in one sentence
 # ---------------------------------------------------------------------------------------------- normalizer
 def test_every_per_layer_feature_reaches_the_spec(spec):
     assert spec.layer_mlp_kinds == ("dense", "dense", "moe", "moe")
-    assert spec.extra["non_homogeneous_layers"] is True and not spec.stacked_layers
-    assert [spec.extra["per_layer_attention"][i]["num_attention_heads"] for i in range(4)] == [4, 6, 6, 4]
-    assert {spec.extra["per_layer_attention"][i]["num_query_groups"] for i in range(4)} == {2}
+    assert spec.heterogeneous_layers is True and not spec.stacked_layers
+    assert [spec.attention(i).num_attention_heads for i in range(4)] == [4, 6, 6, 4]
+    assert {spec.attention(i).num_query_groups for i in range(4)} == {2}
     attention = spec.extra["layer_attention"]
     assert [attention[i]["window_size"] for i in range(4)] == [None, (7, 0), (7, 0), None]
     assert [(attention[i]["rope_theta"], attention[i]["rotary_percent"]) for i in range(4)] == [
@@ -105,7 +106,7 @@ def test_every_per_layer_feature_reaches_the_spec(spec):
     assert (spec.num_experts, spec.moe_ffn_hidden_size, spec.moe_router_topk) == ((4,), (32,), 2)
     assert spec.shared_expert_ffn_hidden_size == 40
     assert spec.extra["swiglu_limits"] == [None] * 4 and spec.extra["zero_centered_rmsnorm"] is True
-    assert spec.extra["ranges"] == {"vblock": 2} and spec.image_token_id == 299
+    assert spec.ranges == {"vblock": 2} and spec.image_token_id == 299
 
 
 def test_the_released_remote_code_config_shape_normalizes_the_same(raw_config, spec):
@@ -121,7 +122,8 @@ def test_the_released_remote_code_config_shape_normalizes_the_same(raw_config, s
         partial_rotary_factors=[0.5, 1.0, 1.0, 0.5],
     )
     legacy = normalize_config({**raw_config, "text_config": text})
-    for field in ("per_layer_attention", "layer_attention", "softmax_scale", "swiglu_limits"):
+    assert legacy.layer_attention == spec.layer_attention
+    for field in ("layer_attention", "softmax_scale", "swiglu_limits"):
         assert legacy.extra[field] == spec.extra[field], field
     assert legacy.layer_mlp_kinds == spec.layer_mlp_kinds
 
@@ -156,7 +158,7 @@ def _items_round_trip(plan, hf_tensors):
     for item in plan.items:
         ctx = TransformContext(spec=plan.spec, indices=item.indices, padded_vocab_size=plan.padded_vocab_size,
                                where=item.label, params=item.rule.params)
-        transform = get(item.rule.transform)
+        transform = plan.table.transform_of(item.rule)
         sources = [hf_tensors[n] for n in item.hf_names]
         produced = transform.forward(sources, ctx)
         assert len(produced) == len(item.targets), item.label
@@ -190,7 +192,7 @@ def test_gate_rows_travel_with_their_query_group_in_the_fused_qkv(spec):
     v = torch.arange(groups * d, dtype=torch.float32)[:, None].expand(-1, hidden) + 3000
     g = torch.arange(heads, dtype=torch.float32)[:, None].expand(-1, hidden) + 4000
     ctx = TransformContext(spec=spec, indices={"layer": 1}, where="test")
-    (fused,) = get("fuse_qkv_gate").forward([q, k, v, g], ctx)
+    (fused,) = STEP_TRANSFORMS["fuse_qkv_gate"].forward([q, k, v, g], ctx)
     block = 3 * d + 3 + 2 * d
     assert fused.shape == (groups * block, hidden)
     for group in range(groups):
@@ -200,7 +202,7 @@ def test_gate_rows_travel_with_their_query_group_in_the_fused_qkv(spec):
         assert torch.equal(rows[3 * d + 3:4 * d + 3], k[group * d:(group + 1) * d, 0])
         assert torch.equal(rows[4 * d + 3:], v[group * d:(group + 1) * d, 0])
     with pytest.raises(ConversionError, match="g_proj"):
-        get("fuse_qkv_gate").forward([q, k, v, g[:4]], ctx)
+        STEP_TRANSFORMS["fuse_qkv_gate"].forward([q, k, v, g[:4]], ctx)
 
 
 # ---------------------------------------------------------------------------------------------- megatron model
@@ -231,7 +233,7 @@ def test_plan_keys_and_global_shapes_are_those_of_the_megatron_model(spec, hf_te
 
 
 def _logits_diff(hf_model, megatron_model, spec, tiny_step, image):
-    from ckptconv.megatron.step3p7 import prepare_verify_inputs
+    from ckptconv.families.step3p7.inputs import prepare_verify_inputs
 
     hf_kwargs, mcore_kwargs, image_mask = prepare_verify_inputs(spec, tiny_step, prompt=PROMPT, image=image)
     with torch.no_grad():
@@ -252,7 +254,7 @@ def test_image_logits_match_transformers(hf_model, megatron_model, spec, tiny_st
     assert int(mask.sum()) == 1  # 56x56 image, patch 14, two stride-2 downsamplers: one feature
     assert diff <= TOLERANCE
     # The image really reaches the decoder (the placeholder row is replaced, not left as an embedding).
-    from ckptconv.megatron.step3p7 import prepare_verify_inputs
+    from ckptconv.families.step3p7.inputs import prepare_verify_inputs
 
     hf_kwargs, _, _ = prepare_verify_inputs(spec, tiny_step, prompt=PROMPT, image=_synthetic_image(spec))
     with torch.no_grad():
@@ -290,7 +292,7 @@ def test_megatron_model_refuses_inputs_it_would_compute_differently(megatron_mod
 # ---------------------------------------------------------------------------------------------- converter
 @pytest.fixture(scope="module")
 def converted(tiny_step, tmp_path_factory) -> dict[tuple[int, int], Path]:
-    from ckptconv.hf_to_mcore import convert_hf_to_mcore
+    from ckptconv.pipeline.hf_to_mcore import convert_hf_to_mcore
 
     root = tmp_path_factory.mktemp("step3p7_mcore")
     out = {}
@@ -326,7 +328,7 @@ def test_tp2_and_ep2_ranks_load_their_shards_and_match_transformers(converted, t
 def test_round_trip_gives_back_the_source_bit_for_bit(converted, hf_tensors, tmp_path, layout):
     from safetensors.torch import load_file
 
-    from ckptconv.mcore_to_hf import convert_mcore_to_hf
+    from ckptconv.pipeline.mcore_to_hf import convert_mcore_to_hf
 
     convert_mcore_to_hf(converted[layout], tmp_path / "hf")
     exported = {}
@@ -343,7 +345,7 @@ def _worker(hf_dir: str, runs: list[str]) -> None:
     table, logits (text and image) equal transformers'. Prints one "OK" line per run or exits non-zero."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from ckptconv.hf_to_mcore import global_tensors_in_memory
+    from ckptconv.pipeline.hf_to_mcore import global_tensors_in_memory
     from ckptconv.megatron import runtime
     from ckptconv.megatron.load import _leaves, build_and_load
 

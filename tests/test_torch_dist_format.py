@@ -5,8 +5,8 @@ import io
 import pytest
 import torch
 
-from ckptconv.torch_dist import DistCheckpointReader, DistCheckpointWriter, write_metadata
-from ckptconv.torch_save_format import write_tensor
+from ckptconv.formats.torch_dist import DistCheckpointReader, DistCheckpointWriter, write_metadata
+from ckptconv.formats.torch_save import write_tensor
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_chunks_that_do_not_tile_the_tensor_are_refused(tmp_path):
 
 
 def test_row_blocks_are_written_as_one_tensor_without_being_concatenated():
-    from ckptconv.transforms import RowBlocks
+    from ckptconv.core.transforms import RowBlocks
 
     top, bottom = torch.randn(5, 3), torch.zeros(2, 3)
     buffer = io.BytesIO()
@@ -75,7 +75,7 @@ def test_row_blocks_are_written_as_one_tensor_without_being_concatenated():
 def test_read_tensor_loads_in_place_archives_from_either_writer():
     """Chunks from ckptconv's writer and from torch.save itself (Megatron's writer, including a
     view into a larger storage) load through the in-place reader."""
-    from ckptconv.torch_save_format import read_tensor
+    from ckptconv.formats.torch_save import read_tensor
 
     base = torch.randn(10, 4)
     for tensor, writer in [(base[2:5], torch.save), (base[2:5], write_tensor), (base.to(torch.bfloat16), write_tensor)]:

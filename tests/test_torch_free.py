@@ -17,9 +17,9 @@ import sys
 import pytest
 import torch
 
-from ckptconv.array import DTYPES, Array, cat
-from ckptconv.pickles import tensor_data_pkl
-from ckptconv.torch_save_format import _TRAILER_RECORDS, object_bytes, read_tensor, write_tensor
+from ckptconv.formats.array import DTYPES, Array, cat
+from ckptconv.formats.pickles import tensor_data_pkl
+from ckptconv.formats.torch_save import _TRAILER_RECORDS, object_bytes, read_tensor, write_tensor
 
 
 class _Records:
@@ -72,7 +72,7 @@ def test_metadata_loads_in_torch_as_the_metadata_dcp_itself_would_pickle(tmp_pat
         TensorStorageMetadata,
     )
 
-    from ckptconv.torch_dist import DistCheckpointWriter, read_dcp_metadata, write_metadata
+    from ckptconv.formats.torch_dist import DistCheckpointWriter, read_dcp_metadata, write_metadata
 
     writer = DistCheckpointWriter(tmp_path)
     weight = torch.randn(2, 6, 4).to(torch.bfloat16)
@@ -141,7 +141,7 @@ def test_a_dtype_cast_is_the_one_place_torch_is_needed(tiny_qwen, tmp_path):
 def test_only_unchanged_views_of_a_mapped_file_count_as_file_ranges(tmp_path):
     """What lets the writers copy bytes file to file: a view of the mapping knows where it lies in
     the file; a copy, a cast or a transposed view does not claim to be there."""
-    from ckptconv.source import open_hf_checkpoint
+    from ckptconv.pipeline.source import open_hf_checkpoint
     from safetensors.torch import save_file
 
     weight = torch.arange(12 * 8, dtype=torch.float32).reshape(12, 8)
@@ -163,10 +163,10 @@ def test_only_unchanged_views_of_a_mapped_file_count_as_file_ranges(tmp_path):
 def test_chunks_of_4_gib_and_more_are_written_in_zip64_and_load_in_torch_and_in_ours(tmp_path, monkeypatch):
     """A chunk of 4 GiB or more (a 256k x 8192 bf16 embedding) needs zip64 sizes and offsets;
     simulated by lowering the threshold so every field past 64 is written the zip64 way."""
-    import ckptconv.torch_save_format as tsf
+    import ckptconv.formats.torch_save as tsf
     from torch.distributed.checkpoint import FileSystemReader
 
-    from ckptconv.torch_dist import DistCheckpointReader, DistCheckpointWriter, write_metadata
+    from ckptconv.formats.torch_dist import DistCheckpointReader, DistCheckpointWriter, write_metadata
 
     monkeypatch.setattr(tsf, "_ZIP64_AT", 64)
     weight = torch.randn(8, 16).to(torch.bfloat16)  # 256 bytes: past the lowered threshold
@@ -188,8 +188,8 @@ def test_without_kernel_copies_both_directions_still_round_trip(tiny_qwen, tmp_p
     kernels, ENOSYS, EINVAL), the writers copy through memory instead, with the same result."""
     import errno
 
-    from ckptconv.hf_to_mcore import convert_hf_to_mcore
-    from ckptconv.mcore_to_hf import convert_mcore_to_hf
+    from ckptconv.pipeline.hf_to_mcore import convert_hf_to_mcore
+    from ckptconv.pipeline.mcore_to_hf import convert_mcore_to_hf
 
     calls = {"n": 0}
 

@@ -4,16 +4,16 @@ import pytest
 import torch
 
 from ckptconv.errors import ConversionError
-from ckptconv.spec import ModelSpec
-from ckptconv.transforms import TransformContext, get
+from ckptconv.core.spec import AttentionGeometry, ModelSpec
+from ckptconv.core.transforms import TransformContext, get
 
 
-def spec(heads=4, groups=2, head_dim=3, vocab=10, **extra) -> ModelSpec:
+def spec(heads=4, groups=2, head_dim=3, vocab=10, **fields) -> ModelSpec:
     return ModelSpec(
         family="test", hf_config={}, vocab_size=vocab, hidden_size=heads * head_dim, num_layers=2,
         num_attention_heads=heads, num_query_groups=groups, head_dim=head_dim, ffn_hidden_size=8,
         norm_eps=1e-6, rope_theta=1e4, qkv_bias=True, tie_word_embeddings=False,
-        layer_mlp_kinds=("dense", "dense"), extra=extra,
+        layer_mlp_kinds=("dense", "dense"), **fields,
     )
 
 
@@ -48,7 +48,7 @@ def test_fuse_qkv_round_trips_weights_and_biases(heads, groups):
 
 
 def test_fuse_qkv_uses_per_layer_head_overrides():
-    s = spec(heads=4, groups=2, head_dim=3, per_layer_attention={1: {"num_attention_heads": 6}})
+    s = spec(heads=4, groups=2, head_dim=3, layer_attention={1: AttentionGeometry(6, 2, 3)})
     q, k, v = torch.randn(18, 2), torch.randn(6, 2), torch.randn(6, 2)
     (fused,) = get("fuse_qkv").forward([q, k, v], ctx(s, indices={"layer": 1}))
     assert fused.shape == (30, 2)
@@ -105,9 +105,9 @@ EXAMPLE_INPUTS = {
 
 
 def test_every_core_transform_has_an_exactness_example():
-    from ckptconv.transforms import TRANSFORMS
+    from ckptconv.core.transforms import TRANSFORMS
 
-    core = {name for name, t in TRANSFORMS.items() if t.forward.__module__ == "ckptconv.transforms"}
+    core = {name for name, t in TRANSFORMS.items() if t.forward.__module__ == "ckptconv.core.transforms"}
     assert set(EXAMPLE_INPUTS) == core
 
 
@@ -123,10 +123,10 @@ def test_every_transform_inverts_exactly_in_bf16(name):
 
 def test_streaming_forms_equal_the_eager_forward():
     """Transforms with a row-block (streaming) forward give the same tensor as their forward."""
-    from ckptconv.transforms import TRANSFORMS
+    from ckptconv.core.transforms import TRANSFORMS
 
     streaming = {name: t for name, t in TRANSFORMS.items()
-                 if t.forward_rows is not None and t.forward.__module__ == "ckptconv.transforms"}
+                 if t.forward_rows is not None and t.forward.__module__ == "ckptconv.core.transforms"}
     assert {"pad_vocab", "fuse_qkv", "fuse_gate_up", "fuse_gate_up_split_experts"} <= set(streaming)
     c = ctx(padded_vocab_size=16)
     for name, transform in streaming.items():
@@ -139,10 +139,10 @@ def test_streaming_forms_equal_the_eager_forward():
 
 def test_streaming_inverses_equal_the_eager_inverse():
     """Export writes stacked experts as row blocks; they must be the stacked tensors exactly."""
-    from ckptconv.transforms import TRANSFORMS
+    from ckptconv.core.transforms import TRANSFORMS
 
     streaming = {name: t for name, t in TRANSFORMS.items()
-                 if t.inverse_rows is not None and t.forward.__module__ == "ckptconv.transforms"}
+                 if t.inverse_rows is not None and t.forward.__module__ == "ckptconv.core.transforms"}
     assert {"split_rows", "split_experts", "fuse_gate_up_split_experts"} <= set(streaming)
     c = ctx(padded_vocab_size=16)
     for name, transform in streaming.items():

@@ -34,13 +34,13 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_hf(work):
-    from ckptconv.fixtures import make_tiny_qwen2_5_vl
+    from ckptconv.families.qwen2_5_vl.fixtures import make_tiny_qwen2_5_vl
 
     return make_tiny_qwen2_5_vl(work / "hf", seed=0)
 
 
 def _convert(src, out, tp=1):
-    from ckptconv.hf_to_mcore import convert_hf_to_mcore
+    from ckptconv.pipeline.hf_to_mcore import convert_hf_to_mcore
 
     convert_hf_to_mcore(str(src), out, tp=tp)
     return out
@@ -58,7 +58,7 @@ def ckpt_tp2(tiny_hf, work):
 
 @pytest.fixture(scope="module")
 def ckpt_other_seed(work):
-    from ckptconv.fixtures import make_tiny_qwen2_5_vl
+    from ckptconv.families.qwen2_5_vl.fixtures import make_tiny_qwen2_5_vl
 
     return _convert(make_tiny_qwen2_5_vl(work / "hf_seed1", seed=1, with_processor=False), work / "mcore_seed1")
 
@@ -69,7 +69,7 @@ def rewrite_chunk(ckpt: Path, key: str, edit, first_axis_offset: int = 0) -> Non
     and the new bytes overwrite the archive's storage record."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    from ckptconv.torch_save_format import _central_directory
+    from ckptconv.formats.torch_save import _central_directory
 
     release = ckpt / "release"
     meta = FileSystemReader(str(release)).read_metadata()
@@ -124,7 +124,7 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 180) -> subprocess.
 
 
 def verify(*args, **kwargs):
-    from ckptconv.verify import run_verify
+    from ckptconv.verify.runner import run_verify
 
     return run_verify(*args, device="cpu", **kwargs)
 
@@ -239,8 +239,9 @@ def test_roundtrip_compares_the_reexported_hf_model_too(tiny_hf, ckpt_tp1):
 
 def test_verify_refuses_a_checkpoint_of_another_family_or_shape(tmp_path):
     """Issue 9: SRC and checkpoint of different families or shapes -> one clear error, exit 2."""
-    from ckptconv.fixtures import make_tiny_ernie4_5_vl_moe, make_tiny_qwen2_5_vl
-    from ckptconv.hf_to_mcore import convert_hf_to_mcore
+    from ckptconv.families.ernie4_5_vl_moe.fixtures import make_tiny_ernie4_5_vl_moe
+    from ckptconv.families.qwen2_5_vl.fixtures import make_tiny_qwen2_5_vl
+    from ckptconv.pipeline.hf_to_mcore import convert_hf_to_mcore
 
     qwen = make_tiny_qwen2_5_vl(tmp_path / "qwen")
     convert_hf_to_mcore(str(qwen), tmp_path / "qwen-mcore")

@@ -1,61 +1,42 @@
-"""Family registry: HF ``model_type`` -> config normalizer.
+"""The family registry: every family ckptconv converts, listed explicitly.
 
-Adding a family means adding a normalizer module here and a table in ``mappings/``.
+Adding a family: its package ``ckptconv/families/<name>/`` (see :mod:`ckptconv.families.base`), its
+table ``mappings/<name>.toml``, and one line in :data:`FAMILIES` (``docs/adding-a-family.md``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
+from ckptconv.core.spec import ModelSpec
 from ckptconv.errors import ConversionError
-from ckptconv.spec import ModelSpec
+from ckptconv.families.base import Family
+from ckptconv.families.ernie4_5_vl_moe import FAMILY as ERNIE4_5_VL_MOE
+from ckptconv.families.qwen2_5_vl import FAMILY as QWEN2_5_VL
+from ckptconv.families.step3p7 import FAMILY as STEP3P7
 
-Normalizer = Callable[[dict], ModelSpec]
+FAMILIES: tuple[Family, ...] = (QWEN2_5_VL, ERNIE4_5_VL_MOE, STEP3P7)
 
-
-def _qwen2_5_vl(config: dict) -> ModelSpec:
-    from ckptconv.families.qwen2_5_vl import normalize
-
-    return normalize(config)
-
-
-def _ernie4_5_vl_moe(config: dict) -> ModelSpec:
-    from ckptconv.families.ernie4_5_vl_moe import normalize
-
-    return normalize(config)
+_BY_NAME = {family.name: family for family in FAMILIES}
+_BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 
 
-def _step3p7(config: dict) -> ModelSpec:
-    from ckptconv.families.step3p7 import normalize
-
-    return normalize(config)
-
-
-# model_type (as written in config.json) -> normalizer. Released ERNIE "Thinking" checkpoints use
-# the remote-code type name `ernie4_5_moe_vl`; the weights are the same family.
-NORMALIZERS: dict[str, Normalizer] = {
-    "qwen2_5_vl": _qwen2_5_vl,
-    "ernie4_5_vl_moe": _ernie4_5_vl_moe,
-    "ernie4_5_moe_vl": _ernie4_5_vl_moe,
-    "step3p7": _step3p7,
-}
+def get_family(name: str) -> Family:
+    if name not in _BY_NAME:
+        raise ConversionError(f"unknown family {name!r}; known: {', '.join(sorted(_BY_NAME))}")
+    return _BY_NAME[name]
 
 
 def supported_model_types() -> list[str]:
-    return sorted(NORMALIZERS)
+    return sorted(_BY_MODEL_TYPE)
 
 
-def normalize_config(config: dict, where: str = "config.json") -> ModelSpec:
+def family_for_config(config: dict, where: str = "config.json") -> Family:
     model_type = config.get("model_type")
-    if model_type not in NORMALIZERS:
+    if model_type not in _BY_MODEL_TYPE:
         raise ConversionError(
             f"{where}: unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
         )
-    return NORMALIZERS[model_type](config)
+    return _BY_MODEL_TYPE[model_type]
 
 
-def require(cfg: dict, key: str, where: str):
-    """Read a required config field, or fail naming it."""
-    if key not in cfg or cfg[key] is None:
-        raise ConversionError(f"{where}: required field {key!r} is missing")
-    return cfg[key]
+def normalize_config(config: dict, where: str = "config.json") -> ModelSpec:
+    return family_for_config(config, where).normalize(config)

@@ -12,8 +12,6 @@ directory and its parent, so both ``OUT`` and ``OUT/release`` work.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 from pathlib import Path
 from typing import Callable
@@ -21,26 +19,15 @@ from typing import Callable
 import torch
 
 from ckptconv.errors import ConversionError
-from ckptconv.torch_dist import CheckpointMetadata, DistCheckpointReader, TensorMeta, resolve_checkpoint_dir
+from ckptconv.formats.torch_dist import CheckpointMetadata, DistCheckpointReader, TensorMeta, resolve_checkpoint_dir
 
 EMBEDDING_KEY = "language_model.embedding.word_embeddings.weight"
 
-#: family -> module holding ``build_model(spec, *, padded_vocab_size, dtype, **family_kwargs)``.
-FAMILY_MODULES: dict[str, str] = {
-    "qwen2_5_vl": "ckptconv.megatron.qwen2_5_vl",
-    "ernie4_5_vl_moe": "ckptconv.megatron.ernie4_5_vl_moe",
-    "step3p7": "ckptconv.megatron.step3p7",
-}
-
-
 def model_builder(family: str) -> Callable[..., torch.nn.Module]:
-    """The family's ``build_model``; a clear error when the family or its module is missing."""
-    if family not in FAMILY_MODULES:
-        raise ConversionError(f"no Megatron model for family {family!r}; known: {', '.join(sorted(FAMILY_MODULES))}")
-    module_name = FAMILY_MODULES[family]
-    if importlib.util.find_spec(module_name) is None:
-        raise ConversionError(f"the Megatron model for family {family!r} ({module_name}) is not available yet")
-    return importlib.import_module(module_name).build_model
+    """The family's ``build_model(spec, *, padded_vocab_size, dtype)``; a clear error for an unknown family."""
+    from ckptconv.families import get_family
+
+    return get_family(family).build_model
 
 
 # --------------------------------------------------------------------------- locating a checkpoint

@@ -8,8 +8,8 @@ import sys
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from ckptconv.hf_to_mcore import global_tensors_in_memory
-from ckptconv.layout import ParallelLayout
+from ckptconv.pipeline.hf_to_mcore import global_tensors_in_memory
+from ckptconv.core.layout import ParallelLayout
 from ckptconv.megatron import runtime
 from ckptconv.megatron.load import _leaves, build_and_load
 

@@ -9,11 +9,11 @@ import sys
 import torch
 
 from ckptconv.families import normalize_config
-from ckptconv.hf_to_mcore import global_tensors_in_memory
-from ckptconv.layout import ParallelLayout
+from ckptconv.pipeline.hf_to_mcore import global_tensors_in_memory
+from ckptconv.core.layout import ParallelLayout
 from ckptconv.megatron import runtime
 from ckptconv.megatron.load import fill_from_global_tensors, model_builder
-from ckptconv.source import read_config
+from ckptconv.pipeline.source import read_config
 
 
 def main(hf_dir: str, out: str, tp: int) -> None:
@@ -25,7 +25,7 @@ def main(hf_dir: str, out: str, tp: int) -> None:
     runtime.init_parallel(tp=tp, device="cpu")
     spec = normalize_config(read_config(__import__("pathlib").Path(hf_dir)))
     layout = ParallelLayout(tp=tp)
-    model = model_builder(spec.family)(spec, padded_vocab_size=layout.padded_vocab_size(spec.vocab_size))
+    model = model_builder(spec.family)(spec, padded_vocab_size=layout.padded_vocab_size(spec.vocab_size), dtype=torch.float32)
     fill_from_global_tensors(model, global_tensors_in_memory(hf_dir, layout))
     if torch.distributed.get_rank() == 0:
         __import__("os").makedirs(out, exist_ok=True)

@@ -1,0 +1,140 @@
+"""Mapping tables: ``mappings/<family>.toml`` read into :class:`Rule` objects.
+
+A table is data. Each ``[[tensor]]`` row says which HF tensors become which Megatron tensors and
+how::
+
+    [[tensor]]
+    hf = ["model.layers.{layer}.self_attn.q_proj.weight", "...k_proj.weight", "...v_proj.weight"]
+    mcore = "language_model.decoder.layers.{layer}.self_attention.linear_qkv.weight"
+    transform = "fuse_qkv"     # a name from ckptconv.core.transforms (default "copy")
+    shard = "column"           # how Megatron splits it over tensor parallel ranks (default "replicated")
+    extra_state = true         # Megatron keeps an `_extra_state` object beside this linear
+    when = "not tie_word_embeddings"   # row applies only when the flag holds
+    layers = "moe"             # {layer} ranges only over layers of this MLP kind
+    pool = 1                   # {expert} ranges over this expert pool; {hf_expert} = offset index
+    shape = ["hidden_size"]    # expected HF shape (checked before converting), one list per hf name or one for all
+    params = { dim = 1 }       # extra parameters for the transform
+    keep_dtype = true          # never cast by --dtype (fp32 router weights and biases)
+
+Placeholders: ``{layer}``, ``{expert}``, ``{hf_expert}`` and any range the family's normalizer
+declares in ``spec.ranges`` (e.g. ``{vblock}`` for vision blocks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptconv.errors import ConversionError
+from ckptconv.core.transforms import TRANSFORMS as CORE_TRANSFORMS, Transform
+
+MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "mappings"
+SHARD_KINDS = ("replicated", "column", "row", "glu", "vocab")
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    hf: tuple[str, ...]
+    mcore: tuple[str, ...]
+    transform: str = "copy"
+    shard: str = "replicated"
+    extra_state: bool = False
+    when: str | None = None
+    layers: str | None = None
+    pool: int = 0
+    shape: tuple | None = None
+    params: dict = field(default_factory=dict)
+    expert_parallel: bool = False
+    """True for expert weights: sharded over EP ranks (and expert-TP) instead of TP."""
+    keep_dtype: bool = False
+    """True for tensors that stay in their source dtype whatever ``--dtype`` says."""
+
+    def placeholders(self) -> tuple[set[str], set[str]]:
+        hf = {p for name in self.hf for p in _PLACEHOLDER.findall(name)}
+        mcore = {p for name in self.mcore for p in _PLACEHOLDER.findall(name)}
+        return hf, mcore
+
+
+@dataclass(frozen=True)
+class MappingTable:
+    family: str
+    rules: tuple[Rule, ...]
+    sha256: str
+    path: Path
+    transforms: dict[str, Transform] = field(default_factory=dict)
+    """The vocabulary the rows name: the core transforms plus the family's own."""
+
+    def transform_of(self, rule: Rule) -> Transform:
+        return self.transforms[rule.transform]
+
+
+def _as_tuple(value) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _parse_rule(row: dict, where: str, vocabulary: dict[str, Transform]) -> Rule:
+    known = {"hf", "mcore", "transform", "shard", "extra_state", "when", "layers", "pool", "shape", "params",
+             "expert_parallel", "keep_dtype"}
+    unknown = set(row) - known
+    if unknown:
+        raise ConversionError(f"{where}: unknown field(s) {sorted(unknown)}")
+    if "hf" not in row or "mcore" not in row:
+        raise ConversionError(f"{where}: every row needs `hf` and `mcore`")
+    rule = Rule(
+        hf=_as_tuple(row["hf"]),
+        mcore=_as_tuple(row["mcore"]),
+        transform=row.get("transform", "copy"),
+        shard=row.get("shard", "replicated"),
+        extra_state=bool(row.get("extra_state", False)),
+        when=row.get("when"),
+        layers=row.get("layers"),
+        pool=int(row.get("pool", 0)),
+        shape=tuple(row["shape"]) if "shape" in row else None,
+        params=dict(row.get("params", {})),
+        expert_parallel=bool(row.get("expert_parallel", False)),
+        keep_dtype=bool(row.get("keep_dtype", False)),
+    )
+    if rule.shard not in SHARD_KINDS:
+        raise ConversionError(f"{where}: shard {rule.shard!r} is not one of {SHARD_KINDS}")
+    if rule.transform not in vocabulary:
+        raise ConversionError(f"{where}: unknown transform {rule.transform!r}; known: {', '.join(sorted(vocabulary))}")
+    transform = vocabulary[rule.transform]
+    n_hf, n_mcore = transform.arity
+    if n_hf is not None and len(rule.hf) != n_hf:
+        raise ConversionError(f"{where}: transform {rule.transform} takes {n_hf} hf tensor(s), row lists {len(rule.hf)}")
+    if n_mcore is not None and len(rule.mcore) != n_mcore:
+        raise ConversionError(f"{where}: transform {rule.transform} makes {n_mcore} mcore tensor(s), row lists {len(rule.mcore)}")
+    return rule
+
+
+def transform_vocabulary(family: str) -> dict[str, Transform]:
+    """The core transforms plus the family's own (a family may not redefine a core name)."""
+    from ckptconv.families import get_family
+
+    own = get_family(family).transforms()
+    clash = set(own) & set(CORE_TRANSFORMS)
+    if clash:
+        raise ConversionError(f"family {family!r} redefines core transform(s) {sorted(clash)}")
+    return {**CORE_TRANSFORMS, **own}
+
+
+def load_table(family: str, mappings_dir: Path | None = None) -> MappingTable:
+    vocabulary = transform_vocabulary(family)
+    path = (mappings_dir or MAPPINGS_DIR) / f"{family}.toml"
+    if not path.is_file():
+        raise ConversionError(f"no mapping table for family {family!r} at {path}")
+    raw = path.read_bytes()
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConversionError(f"{path}: not valid TOML: {exc}") from None
+    if data.get("family") != family:
+        raise ConversionError(f"{path}: declares family {data.get('family')!r}, expected {family!r}")
+    rows = data.get("tensor", [])
+    rules = tuple(_parse_rule(row, f"{path.name} row {i + 1}", vocabulary) for i, row in enumerate(rows))
+    used = {rule.transform: vocabulary[rule.transform] for rule in rules}
+    return MappingTable(family=family, rules=rules, sha256=hashlib.sha256(raw).hexdigest(), path=path, transforms=used)
