@@ -8,7 +8,7 @@ A family is one package, ``ckptconv/families/<name>/``, plus one table, ``mappin
 ``model.py``       ``build_model`` / ``hf_config``: the Megatron model verify loads, the HF config
 ``inputs.py``      ``verify_inputs``: the same text and image inputs for both models
 ``fixtures.py``    ``make_tiny`` / ``real_width_config``: random checkpoints for tests and benchmarks
-``__init__.py``    ``FAMILY``: the :class:`Family` subclass wiring the above together
+``__init__.py``    ``FAMILY``: the :class:`Family` subclass naming the family
 =================  ==========================================================================
 
 The registry (``ckptconv/families/__init__.py``) lists the ``FAMILY`` objects explicitly. Conversion
@@ -18,8 +18,9 @@ the tests or the benchmarks call them.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import importlib
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from ckptconv.errors import ConversionError
@@ -32,47 +33,61 @@ if TYPE_CHECKING:  # only for annotations: importing them costs torch
     from ckptconv.verify.inputs import VerifyInput
 
 
-class Family(ABC):
+class Family:
+    """A family: its identity, and one method per part of its package.
+
+    Each method imports the part it needs on first use (``self.part("model")``): conversion must not
+    pay for torch, megatron-core or transformers. A family overrides a method only where its package
+    differs from the layout in the module docstring.
+    """
+
     name: str
-    """Registry key, ``ModelSpec.family`` and the mapping table's name (``mappings/<name>.toml``)."""
+    """Registry key, ``ModelSpec.family``, the package name and the mapping table's name
+    (``mappings/<name>.toml``)."""
     title: str
     """How people call it (``Qwen2.5-VL``)."""
     model_types: tuple[str, ...]
     """``model_type`` values of ``config.json`` this family reads (transformers' and remote-code)."""
+    has_transforms: bool = False
+    """True when the table names transforms of the family's own (``transforms.py``)."""
+
+    def part(self, module: str) -> ModuleType:
+        """The family's module ``module`` (``config``, ``model``, ...); a missing one is an error."""
+        return importlib.import_module(f"ckptconv.families.{self.name}.{module}")
 
     # ------------------------------------------------------------------ conversion (no torch)
-    @abstractmethod
     def normalize(self, config: dict) -> "ModelSpec":
         """``config.json`` as read -> the spec every other module reads."""
+        return self.part("config").normalize(config)
 
     def transforms(self) -> dict[str, "Transform"]:
         """Transforms of the family's own that its table names (the core vocabulary is implied)."""
-        return {}
+        return self.part("transforms").TRANSFORMS if self.has_transforms else {}
 
     # ------------------------------------------------------------------ verify (torch, megatron-core)
-    @abstractmethod
     def build_model(self, spec: "ModelSpec", *, padded_vocab_size: int, dtype: "torch.dtype") -> "torch.nn.Module":
         """The Megatron model a converted checkpoint loads into; its ``sharded_state_dict()`` is the
         key contract the table writes."""
+        return self.part("model").build_model(spec, padded_vocab_size=padded_vocab_size, dtype=dtype)
 
-    @abstractmethod
     def hf_config(self, spec: "ModelSpec"):
         """The transformers config object for the HF reference (flat configs are not readable by
         transformers itself)."""
+        return self.part("model").hf_config(spec)
 
-    @abstractmethod
     def verify_inputs(self, spec: "ModelSpec", hf_dir: Path, *, prompt: str, image, text_only: bool) -> list["VerifyInput"]:
         """The text-only input (when ``text_only``) and the image input (when ``image`` is a
         ``(name, PIL image)`` pair), as each model takes them."""
+        return self.part("inputs").verify_inputs(spec, hf_dir, prompt=prompt, image=image, text_only=text_only)
 
     # ------------------------------------------------------------------ fixtures (tests, benchmarks)
-    @abstractmethod
     def make_tiny(self, out_dir, *, seed: int = 0, **options) -> Path:
         """A tiny random checkpoint written by the ``transformers`` classes."""
+        return self.part("fixtures").make_tiny(out_dir, seed=seed, **options)
 
-    @abstractmethod
     def real_width_config(self, variant: str | None, num_layers: int, vision_layers: int, num_experts: int | None):
         """``(model_cls, config)`` with published widths and ``num_layers`` decoder layers."""
+        return self.part("fixtures").real_width_config(variant, num_layers, vision_layers, num_experts)
 
     def zero_centered_norm(self, hf_name: str) -> bool:
         """True for norm weights applied as ``(1 + w)`` (random fixtures centre them on 0)."""

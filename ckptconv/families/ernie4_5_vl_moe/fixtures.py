@@ -181,3 +181,6 @@ def real_width_config(variant: str | None, num_layers: int, vision_layers: int, 
                   spatial_merge_size=2, temporal_merge_size=2, hidden_act="quick_gelu")
     cfg = Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
     return Ernie4_5_VLMoeForConditionalGeneration, cfg
+
+
+make_tiny = make_tiny_ernie4_5_vl_moe

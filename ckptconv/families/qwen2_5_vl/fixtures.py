@@ -187,3 +187,6 @@ def real_width_config(variant: str | None, num_layers: int, vision_layers: int, 
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"],
                            bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
     return Qwen2_5_VLForConditionalGeneration, cfg
+
+
+make_tiny = make_tiny_qwen2_5_vl

@@ -97,3 +97,6 @@ def real_width_config(variant: str | None, num_layers: int, vision_layers: int, 
                   image_size=728, patch_size=14)
     cfg = Step3p7Config(text_config=text, vision_config=vision)
     return Step3p7ForConditionalGeneration, cfg
+
+
+make_tiny = make_tiny_step3p7
