@@ -106,7 +106,8 @@ def test_every_per_layer_feature_reaches_the_spec(spec):
     assert (spec.num_experts, spec.moe_ffn_hidden_size, spec.moe_router_topk) == ((4,), (32,), 2)
     assert spec.shared_expert_ffn_hidden_size == 40
     assert spec.extra["swiglu_limits"] == [None] * 4 and spec.extra["zero_centered_rmsnorm"] is True
-    assert spec.ranges == {"vblock": 2} and spec.image_token_id == 299
+    assert spec.ranges == {"vblock": 2, "mtp": 0} and spec.image_token_id == 299
+    assert spec.mtp_num_layers == 0 and spec.rope_scaling is None
 
 
 def test_the_released_remote_code_config_shape_normalizes_the_same(raw_config, spec):
@@ -133,10 +134,6 @@ def test_the_released_remote_code_config_shape_normalizes_the_same(raw_config, s
     ({"gating": "elementwise"}, "gating"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
-    ({"num_nextn_predict_layers": 1, "layer_types": None}, "num_nextn_predict_layers"),
-    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 5e6, "factor": 2.0,
-                                             "original_max_position_embeddings": 256},
-                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "rope_type"),
     ({"per_layer_config": {"1": {"num_attention_heads": 6, "intermediate_size": 8}}}, "per_layer_config"),
 ])
 def test_features_the_megatron_model_cannot_reproduce_are_refused_by_name(raw_config, change, field):
@@ -184,25 +181,33 @@ def test_one_plus_w_norm_weights_are_stored_unchanged(spec, hf_tensors):
     assert norms == 4 * 4 + 1  # input, post-attention, q and k norm per layer; the final norm
 
 
-def test_gate_rows_travel_with_their_query_group_in_the_fused_qkv(spec):
-    """Layer 1 (sliding): 6 heads in 2 groups, head_dim 16 -> per group [q (3*16), gate (3), k (16), v (16)]."""
+def test_gate_rows_travel_with_their_query_group_laid_out_as_megatron_bridge_does(spec):
+    """Oracle: Megatron-Bridge's merge_qkvg_weights for megatron-core's attention_output_gate
+    (param_mapping.py), re-stated by hand. Layer 1 (sliding): 6 heads in 2 groups, head_dim 16 ->
+    per group [q (3*16), gate (3 heads x 16 copies of the head's g_proj row), k (16), v (16)]."""
     heads, groups, d, hidden = 6, 2, 16, 64
     q = torch.arange(heads * d, dtype=torch.float32)[:, None].expand(-1, hidden) + 1000
     k = torch.arange(groups * d, dtype=torch.float32)[:, None].expand(-1, hidden) + 2000
     v = torch.arange(groups * d, dtype=torch.float32)[:, None].expand(-1, hidden) + 3000
     g = torch.arange(heads, dtype=torch.float32)[:, None].expand(-1, hidden) + 4000
     ctx = TransformContext(spec=spec, indices={"layer": 1}, where="test")
-    (fused,) = STEP_TRANSFORMS["fuse_qkv_gate"].forward([q, k, v, g], ctx)
-    block = 3 * d + 3 + 2 * d
+    fuse = STEP_TRANSFORMS["fuse_qkv_gate"]
+    (fused,) = fuse.forward([q, k, v, g], ctx)
+    block = 2 * 3 * d + 2 * d
     assert fused.shape == (groups * block, hidden)
     for group in range(groups):
         rows = fused[group * block:(group + 1) * block, 0]
         assert torch.equal(rows[:3 * d], q[group * 3 * d:(group + 1) * 3 * d, 0])
-        assert torch.equal(rows[3 * d:3 * d + 3], g[group * 3:(group + 1) * 3, 0])
-        assert torch.equal(rows[3 * d + 3:4 * d + 3], k[group * d:(group + 1) * d, 0])
-        assert torch.equal(rows[4 * d + 3:], v[group * d:(group + 1) * d, 0])
+        assert torch.equal(rows[3 * d:6 * d], g[group * 3:(group + 1) * 3, 0].repeat_interleave(d))
+        assert torch.equal(rows[6 * d:7 * d], k[group * d:(group + 1) * d, 0])
+        assert torch.equal(rows[7 * d:], v[group * d:(group + 1) * d, 0])
     with pytest.raises(ConversionError, match="g_proj"):
-        STEP_TRANSFORMS["fuse_qkv_gate"].forward([q, k, v, g[:4]], ctx)
+        fuse.forward([q, k, v, g[:4]], ctx)
+    # A checkpoint whose copies of a gate row diverged (trained with an element-wise gate) is refused on export.
+    trained = fused.clone()
+    trained[3 * d + 1, 5] += 1.0
+    with pytest.raises(ConversionError, match="element-wise"):
+        fuse.inverse([trained], ctx)
 
 
 # ---------------------------------------------------------------------------------------------- megatron model

@@ -16,8 +16,9 @@ how::
     params = { dim = 1 }       # extra parameters for the transform
     keep_dtype = true          # never cast by --dtype (fp32 router weights and biases)
 
-Placeholders: ``{layer}``, ``{expert}``, ``{hf_expert}`` and any range the family's normalizer
-declares in ``spec.ranges`` (e.g. ``{vblock}`` for vision blocks).
+Placeholders: ``{layer}``, ``{expert}``, ``{hf_expert}``, any range the family's normalizer
+declares in ``spec.ranges`` (e.g. ``{vblock}`` for vision blocks) and any offset placeholder it
+declares in ``spec.offsets`` (``{hf_layer}`` = ``{mtp}`` + num_hidden_layers for Step3.7's MTP layers).
 """
 
 from __future__ import annotations

@@ -128,6 +128,24 @@ def _target(pattern: str, values: dict, spec: ModelSpec, rule: Rule) -> McoreTar
     )
 
 
+def _derive(values: dict, spec: ModelSpec, rule: Rule) -> dict:
+    """Add the placeholders computed from others: ``{hf_expert}`` (the expert's index over all
+    pools) and the spec's offset placeholders (``{hf_layer}`` = ``{mtp}`` + 45)."""
+    if "expert" in values:
+        values["hf_expert"] = values["expert"] + sum(spec.num_experts[: rule.pool])
+    for name, (source, offset) in spec.offsets.items():
+        if source in values:
+            values[name] = values[source] + offset
+    return values
+
+
+def _source_placeholder(name: str, spec: ModelSpec) -> str:
+    """The range a placeholder iterates: derived ones follow their source."""
+    if name == "hf_expert":
+        return "expert"
+    return spec.offsets[name][0] if name in spec.offsets else name
+
+
 def _expand_side(patterns: tuple[str, ...], inner: list[str], values: dict, spec: ModelSpec, rule: Rule) -> list[dict]:
     """Values for each concrete name on one side: outer values x the side's inner placeholders."""
     if not inner:
@@ -135,10 +153,7 @@ def _expand_side(patterns: tuple[str, ...], inner: list[str], values: dict, spec
     combos = itertools.product(*(_range(spec, p, rule) for p in inner))
     out = []
     for combo in combos:
-        merged = {**values, **dict(zip(inner, combo))}
-        if "expert" in merged:
-            merged["hf_expert"] = merged["expert"] + sum(spec.num_experts[: rule.pool])
-        out.append(merged)
+        out.append(_derive({**values, **dict(zip(inner, combo))}, spec, rule))
     return out
 
 
@@ -149,16 +164,15 @@ def build_plan(spec: ModelSpec, table: MappingTable, layout: ParallelLayout) -> 
         if rule.when and not _flag(spec, rule.when):
             continue
         hf_ph, mcore_ph = rule.placeholders()
-        hf_ph = {"expert" if p == "hf_expert" else p for p in hf_ph}
+        hf_ph = {_source_placeholder(p, spec) for p in hf_ph}
+        mcore_ph = {_source_placeholder(p, spec) for p in mcore_ph}
         outer = sorted(hf_ph & mcore_ph)
         hf_inner = sorted(hf_ph - mcore_ph)
         mcore_inner = sorted(mcore_ph - hf_ph)
         if hf_inner and mcore_inner:
             raise ConversionError(f"mapping row {rule.hf}: placeholders {hf_inner} and {mcore_inner} only on one side each")
         for combo in itertools.product(*(_range(spec, p, rule) for p in outer)):
-            values = dict(zip(outer, combo))
-            if "expert" in values:
-                values["hf_expert"] = values["expert"] + sum(spec.num_experts[: rule.pool])
+            values = _derive(dict(zip(outer, combo)), spec, rule)
             hf_values = _expand_side(rule.hf, hf_inner, values, spec, rule)
             mcore_values = _expand_side(rule.mcore, mcore_inner, values, spec, rule)
             hf_names = tuple(_fill(p, v) for v in hf_values for p in rule.hf) if hf_inner else tuple(

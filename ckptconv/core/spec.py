@@ -58,6 +58,9 @@ class ModelSpec:
     # --- what the mapping table and the planner may name (typed: the core reads only these) ---
     ranges: dict[str, int] = field(default_factory=dict)
     """Sizes of the table's extra placeholders, e.g. ``{"vblock": 32}`` for ``{vblock}``."""
+    offsets: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """Placeholders derived from a range by a fixed offset: ``{"hf_layer": ("mtp", 45)}`` makes
+    ``{hf_layer}`` = ``{mtp}`` + 45 (Step3.7's MTP layers are HF decoder layers 45-47)."""
     flags: dict[str, bool] = field(default_factory=dict)
     """Conditions a table row's ``when`` may name besides the spec's own fields
     (``has_shared_experts``, ``projector_bias``)."""
@@ -70,6 +73,12 @@ class ModelSpec:
     heterogeneous_layers: bool = False
     """Layers differ in more than their MLP kind (attention type, head counts): Megatron keys them
     per layer, never stacked."""
+
+    mtp_num_layers: int = 0
+    """Multi-token-prediction layers after the decoder (megatron-core's ``mtp_num_layers``)."""
+    rope_scaling: dict | None = None
+    """Position-embedding scaling the model applies (not a weight): recorded in the checkpoint's
+    ``ckptconv.json``, e.g. ``{"rope_type": "llama3", "factor": 2.0, ..., "layer_types": [...]}``."""
 
     extra: dict = field(default_factory=dict)
     """Family-private facts read only by the family's own package (its Megatron model and verify

@@ -96,7 +96,8 @@ def _copy():
 # ----------------------------------------------------------------------------------------------
 def attention_geometry(ctx: TransformContext) -> tuple[int, int, int]:
     """(query heads, query groups, head dim) of this row's layer (layers may differ: Step3.7)."""
-    geometry = ctx.spec.attention(ctx.indices.get("layer"))
+    layer = ctx.indices.get("layer", ctx.indices.get("hf_layer"))  # hf_layer: MTP layers past the decoder
+    geometry = ctx.spec.attention(layer)
     return geometry.num_attention_heads, geometry.num_query_groups, geometry.head_dim
 
 

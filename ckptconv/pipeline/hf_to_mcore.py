@@ -265,6 +265,9 @@ def _finish_checkpoint(staging: Path, release: Path, parts: list[LocalIndex], pl
         "checksum": CHECKSUM,
         "files": dict(sorted(hashes.items())),
         "filled_defaults": list(plan.spec.filled_defaults),
+        # Not weights, but part of what the checkpoint computes: loaders must apply them.
+        "rope_scaling": plan.spec.rope_scaling,
+        "mtp_num_layers": plan.spec.mtp_num_layers,
     })
     summary.bytes_written = sum(p.bytes_written for p in parts)
 

@@ -4,7 +4,11 @@ The language model is heterogeneous, and every per-layer feature is carried into
 Megatron model (``model.py`` beside this module) can build each layer exactly:
 
 * ``layer_types``: full vs sliding-window attention, each type with its own RoPE (theta, partial
-  rotary factor) -> ``extra["layer_attention"][i]``;
+  rotary factor, and the ``rope_scaling`` of the types named by ``yarn_only_types``, e.g. llama3)
+  -> ``extra["layer_attention"][i]``; the scaling is also ``spec.rope_scaling`` (recorded in the
+  checkpoint's metadata);
+* ``num_nextn_predict_layers``: the multi-token-prediction layers stored after the decoder
+  (``model.layers.{n + i}``) -> ``spec.mtp_num_layers``, their geometry at ``layer_attention[n + i]``;
 * ``per_layer_config`` head-count overrides -> ``layer_attention[i]`` (read by the ``fuse_qkv_gate``
   transform in ``transforms.py`` and by TP validation);
 * ``mlp_layer_types``: dense vs MoE with a shared expert -> ``layer_mlp_kinds``;
@@ -47,19 +51,69 @@ def _parse(config: dict):
         raise _fail(f"transformers rejects this config: {exc}") from None
 
 
+# Scaling fields a rope_scaling / rope_parameters entry may carry besides theta and partial rotary.
+_ROPE_BASE_KEYS = ("rope_theta", "partial_rotary_factor")
+
+
+def _scaling_of(params: dict | None) -> dict | None:
+    """The scaling part of a rope entry (``rope_type`` + its parameters), None for plain RoPE.
+    Legacy entries spell the type ``type``."""
+    if not params:
+        return None
+    out = {k: v for k, v in params.items() if k not in _ROPE_BASE_KEYS}
+    if "type" in out and "rope_type" not in out:
+        out["rope_type"] = out.pop("type")
+    out.pop("type", None)
+    if out.get("rope_type", "default") == "default":
+        return None
+    return dict(sorted(out.items()))
+
+
+def _rope_scaling(text, raw_text: dict) -> tuple[dict | None, set[str]]:
+    """(scaling, layer types it applies to). The released config says it with ``rope_scaling`` plus
+    ``yarn_only_types`` (the layer types that get it; vLLM and sglang read it so); transformers'
+    own shape has it inside ``rope_parameters[<type>]``."""
+    types = set(text.layer_types) | set(getattr(text, "mtp_layer_types", None) or ())
+    released = _scaling_of(raw_text.get("rope_scaling"))
+    if released is not None:
+        scaled = raw_text.get("yarn_only_types")
+        # transformers merges rope_scaling into full_attention when yarn_only_types is absent.
+        scaled = set(scaled) if scaled is not None else {"full_attention"}
+        return released, scaled & types
+    per_type = {t: _scaling_of((text.rope_parameters or {}).get(t)) for t in types}
+    found = [v for v in per_type.values() if v is not None]
+    if not found:
+        return None, set()
+    if any(v != found[0] for v in found):
+        raise _fail(f"text_config.rope_parameters: layer types scale RoPE differently ({per_type}); "
+                    "one scaling for the scaled types is supported")
+    return found[0], {t for t, v in per_type.items() if v is not None}
+
+
 def _layer_rope(text, layer_type: str) -> dict:
     rope = (text.rope_parameters or {}).get(layer_type)
     if not isinstance(rope, dict):
         raise _fail(f"text_config.rope_parameters has no entry for layer type {layer_type!r}")
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        # Megatron's RotaryEmbedding here is plain RoPE; YaRN / llama3 scaling would change the
-        # frequencies, so converting would give a model that computes something else.
-        raise _fail(f"text_config.rope_parameters.{layer_type}.rope_type = {rope_type!r} is not supported (only 'default')")
     return {
         "rope_theta": float(rope["rope_theta"]),
         "rotary_percent": float(rope.get("partial_rotary_factor", 1.0)),
     }
+
+
+def _mtp_layer_rope(raw_text: dict, text, layer: int, layer_type: str) -> dict:
+    """RoPE of an MTP layer (a decoder layer past num_hidden_layers): the released per-layer lists
+    carry its entry; else the entry of its layer type."""
+    out = {}
+    thetas, partials = raw_text.get("rope_theta"), raw_text.get("partial_rotary_factors")
+    if isinstance(thetas, list) and len(thetas) > layer:
+        out["rope_theta"] = float(thetas[layer])
+    if isinstance(partials, list) and len(partials) > layer:
+        out["rotary_percent"] = float(partials[layer])
+    if len(out) < 2:
+        if layer_type not in (text.rope_parameters or {}):
+            raise _fail(f"MTP layer {layer} ({layer_type}): no RoPE entry in rope_theta / rope_parameters")
+        out = {**_layer_rope(text, layer_type), **out}
+    return out
 
 
 def _per_layer_attention(text) -> dict[int, AttentionGeometry]:
@@ -73,13 +127,44 @@ def _per_layer_attention(text) -> dict[int, AttentionGeometry]:
     return out
 
 
-def _limits(values, n: int, field: str) -> list[float | None]:
-    """Per-layer SwiGLU clamp bounds; HF treats None and 0 alike as "no clamp"."""
+def _limits(values, raw_values, n: int, mtp: int, field: str) -> list[float | None]:
+    """Per-layer SwiGLU clamp bounds for the n decoder layers then the MTP layers; HF treats None
+    and 0 alike as "no clamp". transformers trims the released n + mtp entries to n: the MTP
+    entries come from the raw list."""
     if values is None:
-        return [None] * n
+        return [None] * (n + mtp)
     if len(values) != n:
         raise _fail(f"text_config.{field} has {len(values)} entries, expected num_hidden_layers = {n}")
-    return [float(v) if v else None for v in values]
+    tail = list(raw_values[n:n + mtp]) if isinstance(raw_values, list) and len(raw_values) == n + mtp else [None] * mtp
+    return [float(v) if v else None for v in [*values, *tail]]
+
+
+def _mtp_layers(text, raw_text: dict) -> list[dict]:
+    """The multi-token-prediction layers (HF decoder layers n .. n + k - 1): attention type, head
+    geometry. They are dense decoder layers (vLLM's Step3p5MTP builds them from layer_types[n + i])."""
+    k = int(getattr(text, "num_nextn_predict_layers", 0) or 0)
+    if not k:
+        return []
+    n = int(text.num_hidden_layers)
+    types = list(getattr(text, "mtp_layer_types", None) or [])
+    if len(types) != k:
+        raise _fail(f"text_config.num_nextn_predict_layers = {k} but layer_types has no entry for layers "
+                    f"{n}..{n + k - 1} (expected {n + k} entries)")
+    mlp_types = list(getattr(text, "mtp_mlp_layer_types", None) or ["dense"] * k)
+    if any(t != "dense" for t in mlp_types):
+        raise _fail(f"MTP layers {n}..{n + k - 1} have mlp types {mlp_types}; only dense MTP layers are supported")
+    defaults = text.to_dict()
+    out = []
+    for i, layer_type in enumerate(types):
+        if layer_type not in ATTENTION_TYPES:
+            raise _fail(f"MTP layer {n + i} has layer type {layer_type!r}; supported: {list(ATTENTION_TYPES)}")
+        sliding = layer_type == "sliding_attention"
+        heads = int(text.num_sliding_attention_heads if sliding else defaults["num_attention_heads"])
+        groups, head_dim = int(defaults["num_key_value_heads"]), int(defaults["head_dim"])
+        if heads % groups:
+            raise _fail(f"MTP layer {n + i}: {heads} heads are not divisible by {groups} key/value heads")
+        out.append({"type": layer_type, "geometry": AttentionGeometry(heads, groups, head_dim)})
+    return out
 
 
 def _refuse_unsupported(text, raw_text: dict) -> None:
@@ -97,12 +182,6 @@ def _refuse_unsupported(text, raw_text: dict) -> None:
         raise _fail("text_config.attention_bias = true is not supported")
     if text.mlp_bias:
         raise _fail("text_config.mlp_bias = true is not supported")
-    if getattr(text, "num_nextn_predict_layers", 0):
-        raise _fail(
-            f"text_config.num_nextn_predict_layers = {text.num_nextn_predict_layers}: the checkpoint carries "
-            "multi-token-prediction layers after the decoder; converting them is not supported, and dropping "
-            "them would make export lossy"
-        )
     bad = sorted(set(text.layer_types) - set(ATTENTION_TYPES))
     if bad:
         raise _fail(f"text_config.layer_types contains {bad}; supported: {list(ATTENTION_TYPES)}")
@@ -124,17 +203,26 @@ def normalize(config: dict) -> ModelSpec:
     if len(text.layer_types) != n or len(text.mlp_layer_types) != n:
         raise _fail("text_config.layer_types / mlp_layer_types must have num_hidden_layers entries")
 
+    mtp_layers = _mtp_layers(text, raw_text)
+    k = len(mtp_layers)
+    scaling, scaled_types = _rope_scaling(text, raw_text)
     rope_by_type = {t: _layer_rope(text, t) for t in set(text.layer_types)}
+    layer_types = [*text.layer_types, *(m["type"] for m in mtp_layers)]
     layer_attention = {}
-    for i, layer_type in enumerate(text.layer_types):
+    for i, layer_type in enumerate(layer_types):
         sliding = layer_type == "sliding_attention"
+        rope = rope_by_type[layer_type] if i < n else _mtp_layer_rope(raw_text, text, i, layer_type)
         layer_attention[i] = {
             "type": layer_type,
             # HF masks keys with q - k >= sliding_window; Megatron's window (left, right) keeps
             # k >= q - left, so left = sliding_window - 1.
             "window_size": (int(text.sliding_window) - 1, 0) if sliding else None,
-            **rope_by_type[layer_type],
+            **rope,
+            # llama3 & co.: only on the layer types the config names (yarn_only_types).
+            "rope_scaling": scaling if layer_type in scaled_types else None,
         }
+    geometry = _per_layer_attention(text)
+    geometry.update({n + i: m["geometry"] for i, m in enumerate(mtp_layers)})
 
     vision = vision_cfg.to_dict()
     vision.pop("transformers_version", None)
@@ -165,15 +253,21 @@ def normalize(config: dict) -> ModelSpec:
         image_token_id=parsed.image_token_id,
         # Layers differ (attention type, head counts, dense/MoE): Megatron keys them per layer.
         heterogeneous_layers=True,
-        layer_attention=_per_layer_attention(text),
-        ranges={"vblock": int(vision_cfg.num_hidden_layers)},
+        layer_attention=geometry,
+        ranges={"vblock": int(vision_cfg.num_hidden_layers), "mtp": k},
+        # MTP layer i is HF decoder layer n + i (model.layers.{n + i}.*).
+        offsets={"hf_layer": ("mtp", n)},
+        mtp_num_layers=k,
+        rope_scaling={**scaling, "layer_types": sorted(scaled_types)} if scaling else None,
         flags={"projector_bias": bool(parsed.projector_bias)},
         extra={
             "layer_attention": layer_attention,
             "softmax_scale": float(text.query_pre_attn_scalar) ** -0.5,
             "moe_router_scaling_factor": float(text.moe_router_scaling_factor),
-            "swiglu_limits": _limits(text.swiglu_limits, n, "swiglu_limits"),
-            "swiglu_limits_shared": _limits(text.swiglu_limits_shared, n, "swiglu_limits_shared"),
+            # n decoder layers, then the MTP layers.
+            "swiglu_limits": _limits(text.swiglu_limits, raw_text.get("swiglu_limits"), n, k, "swiglu_limits"),
+            "swiglu_limits_shared": _limits(text.swiglu_limits_shared, raw_text.get("swiglu_limits_shared"), n, k,
+                                            "swiglu_limits_shared"),
             "zero_centered_rmsnorm": True,  # every trunk RMSNorm (q/k norms too) scales by (1 + w)
             "projector_bias": bool(parsed.projector_bias),  # the Megatron model reads it too
             # Images are inserted after <im_start>; its id lives in the tokenizer, not in the

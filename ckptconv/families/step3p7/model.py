@@ -27,6 +27,7 @@ after each ``<im_start>`` (+1, onto the ``<im_patch>`` placeholders) and runs th
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -92,44 +93,68 @@ class ClampedSwiGLU(nn.Module):
         return {}  # stateless: nothing in the checkpoint (MLP asks every child)
 
 
+#: rope_type values the Megatron model implements (others convert, but verify refuses to build).
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+def layer_rotary_embedding(kv_channels: int, rotary_percent: float, rope_theta: float, rope_scaling: dict | None,
+                           use_cpu_initialization: bool = True):
+    """megatron-core's RotaryEmbedding for one layer, with the layer's RoPE scaling.
+
+    llama3: megatron-core's own ``RotaryEmbedding._apply_scaling`` (the formula of transformers'
+    ``_compute_llama3_parameters``) with all four of the config's parameters; its constructor's
+    ``rope_scaling=True`` path would pass only ``factor`` and use Llama-3.1's defaults for the rest
+    (low 1, high 4, original 8192), which is not Step-3.7-Flash's (1, 32, 131072).
+    """
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    rope_type = (rope_scaling or {}).get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConversionError(
+            f"rope_type {rope_type!r}: the Step3.7 Megatron model implements {', '.join(SUPPORTED_ROPE_TYPES)} "
+            "(conversion does not depend on it; verify does)"
+        )
+    rotary = RotaryEmbedding(
+        kv_channels=kv_channels,
+        rotary_percent=rotary_percent,
+        rotary_base=rope_theta,
+        use_cpu_initialization=use_cpu_initialization,
+    )
+    if rope_type == "llama3":
+        try:
+            rotary.inv_freq = rotary._apply_scaling(
+                rotary.inv_freq,
+                factor=float(rope_scaling["factor"]),
+                low_freq_factor=float(rope_scaling["low_freq_factor"]),
+                high_freq_factor=float(rope_scaling["high_freq_factor"]),
+                original_max_position_embeddings=int(rope_scaling["original_max_position_embeddings"]),
+            )
+        except KeyError as missing:
+            raise ConversionError(f"rope_scaling (llama3) lacks {missing}") from None
+    return rotary
+
+
 def _gated_self_attention_class():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.enums import AttnMaskType
 
     class Step37GatedSelfAttention(SelfAttention):
-        """SelfAttention with a per-head sigmoid output gate and its own (per-layer) RoPE.
+        """megatron-core's SelfAttention with its own (per-layer) RoPE.
 
-        The gate rows live in ``linear_qkv`` (per query group: q, gate, k, v), so TP splits them
-        with their heads. megatron's ``attention_output_gate`` is elementwise (heads * head_dim
-        rows); Step3.7 gates whole heads (one row per head), hence the overrides below.
+        Step3.7's per-head sigmoid gate is megatron-core's own ``attention_output_gate``: its gate
+        rows in ``linear_qkv`` repeat each head's ``g_proj`` row head_dim times (the layout
+        Megatron-Bridge writes), so the element-wise gate is one sigmoid per head, as in HF.
+        Full and sliding layers differ in RoPE (theta, partial rotary, llama3 scaling on the
+        ``yarn_only_types``), so each layer owns its rotary embedding instead of GPTModel's one.
         """
 
         def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal,
-                     cp_comm_type=None, pg_collection=None, *, rope_theta: float, rotary_percent: float):
+                     cp_comm_type=None, pg_collection=None, *, rope_theta: float, rotary_percent: float,
+                     rope_scaling: dict | None = None):
             super().__init__(config, submodules, layer_number, attn_mask_type, cp_comm_type, pg_collection)
-            self.linear_qkv_out_dim = (
-                self.query_projection_size + 2 * self.kv_projection_size + config.num_attention_heads
-            )
-            self.linear_qkv = submodules.linear_qkv(
-                config.hidden_size,
-                self.linear_qkv_out_dim,
-                config=config,
-                init_method=config.init_method,
-                gather_output=False,
-                bias=False,
-                skip_bias_add=False,
-                is_expert=False,
-                tp_comm_buffer_name="qkv",
-                tp_group=self.pg_collection.tp,
-            )
-            # Full and sliding layers use different RoPE (theta, partial rotary), so each layer
-            # owns one instead of reading GPTModel's single rotary embedding.
-            self.layer_rotary_emb = RotaryEmbedding(
-                kv_channels=config.kv_channels,
-                rotary_percent=rotary_percent,
-                rotary_base=rope_theta,
-                use_cpu_initialization=config.use_cpu_initialization,
+            self.layer_rotary_emb = layer_rotary_embedding(
+                config.kv_channels, rotary_percent, rope_theta, rope_scaling, config.use_cpu_initialization
             )
 
         def forward(self, hidden_states, attention_mask, *args, inference_context=None, **kwargs):
@@ -138,27 +163,6 @@ def _gated_self_attention_class():
             kwargs.pop("rotary_pos_emb", None)
             rotary = self.layer_rotary_emb(hidden_states.shape[0])
             return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary, **kwargs)
-
-        def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
-            mixed, _ = self.linear_qkv(hidden_states)
-            groups = self.num_query_groups_per_partition
-            per_group = self.num_attention_heads_per_partition // groups
-            d = self.hidden_size_per_attention_head
-            mixed = mixed.view(*mixed.shape[:2], groups, per_group * (d + 1) + 2 * d)
-            query, gate, key, value = torch.split(mixed, [per_group * d, per_group, d, d], dim=3)
-            query = query.reshape(*query.shape[:2], -1, d)
-            if self.q_layernorm is not None:
-                query = self.q_layernorm(query)
-            if self.k_layernorm is not None:
-                key = self.k_layernorm(key)
-            return query, key, value, gate.reshape(*gate.shape[:2], -1)
-
-        def _apply_output_gate(self, x, gate):
-            # x [sq, b, np * hn], gate [sq, b, np]: one sigmoid per head (HF: out * sigmoid(g)[..., None]).
-            shape = x.shape
-            heads = gate.shape[-1]
-            x = x.view(*shape[:-1], heads, -1) * torch.sigmoid(gate.float()).unsqueeze(-1).to(x.dtype)
-            return x.view(shape)
 
     return Step37GatedSelfAttention
 
@@ -176,6 +180,7 @@ def _base_config_kwargs(spec: ModelSpec, dtype: torch.dtype) -> dict:
         attention_output_gate=True,
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
         heterogeneous_block_specs=True,
+        mtp_num_layers=spec.mtp_num_layers or None,
         **runtime_config_kwargs(dtype),
     )
     if moe:
@@ -216,7 +221,7 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype = torch.float32):
 
     base = _base_config_kwargs(spec, dtype)
     layer_configs = []
-    for i in range(spec.num_layers):
+    for i in range(spec.num_layers + spec.mtp_num_layers):  # the MTP layers' configs follow the decoder's
         attn = spec.attention(i)
         layer_configs.append(
             TransformerConfig(
@@ -235,7 +240,21 @@ def transformer_config(spec: ModelSpec, dtype: torch.dtype = torch.float32):
     return Step37TransformerConfig(**base, layer_configs=layer_configs)
 
 
-def _layer_spec(spec: ModelSpec, layer: int):
+def _mtp_transformer_layer_class():
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    class Step37MTPTransformerLayer(TransformerLayer):
+        """An MTP layer's decoder layer with that layer's own config (megatron's MTP block builds
+        every sub-layer with the block config; Step-3.7-Flash's MTP layers are sliding-window
+        layers with the sliding head count)."""
+
+        def __init__(self, config, submodules, *args, layer_config=None, **kwargs):
+            super().__init__(layer_config, submodules, *args, **kwargs)
+
+    return Step37MTPTransformerLayer
+
+
+def _layer_spec(spec: ModelSpec, layer: int, layer_config=None):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttentionSubmodules
@@ -255,6 +274,7 @@ def _layer_spec(spec: ModelSpec, layer: int):
             "attn_mask_type": AttnMaskType.causal,
             "rope_theta": attention["rope_theta"],
             "rotary_percent": attention["rotary_percent"],
+            "rope_scaling": attention.get("rope_scaling"),
         },
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear,
@@ -271,7 +291,8 @@ def _layer_spec(spec: ModelSpec, layer: int):
 
     # HF: the dense MLP and the shared expert clamp with swiglu_limits_shared, routed experts with swiglu_limits.
     shared_limit = spec.extra["swiglu_limits_shared"][layer]
-    if spec.layer_mlp_kinds[layer] == "moe":
+    mtp = layer >= spec.num_layers  # an MTP layer: dense, built by megatron's MTP block
+    if not mtp and spec.layer_mlp_kinds[layer] == "moe":
         mlp = ModuleSpec(
             module=MoELayer,
             submodules=MoESubmodules(
@@ -288,7 +309,8 @@ def _layer_spec(spec: ModelSpec, layer: int):
             "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
         }
     return ModuleSpec(
-        module=TransformerLayer,
+        module=_mtp_transformer_layer_class() if mtp else TransformerLayer,
+        params={"layer_config": layer_config} if mtp else {},
         submodules=TransformerLayerSubmodules(
             input_layernorm=ZeroCenteredRMSNorm,
             self_attention=self_attention,
@@ -299,6 +321,68 @@ def _layer_spec(spec: ModelSpec, layer: int):
             sharded_state_dict_keys_map=keys_map,
         ),
     )
+
+
+def mtp_block_spec(spec: ModelSpec, config):
+    """megatron-core's MultiTokenPredictionBlock for the MTP layers (None without them): per layer
+    enorm, hnorm, eh_proj, a dense decoder layer and final_layernorm -- keys
+    ``mtp.layers.<i>.{enorm,hnorm,eh_proj,transformer_layer.*,final_layernorm}`` as Megatron-Bridge
+    maps them. Every norm is a (1 + w) RMSNorm as in vLLM's Step3p5MTP (GemmaRMSNorm)."""
+    if not spec.mtp_num_layers:
+        return None
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+    from megatron.core.transformer.multi_token_prediction import (
+        MultiTokenPredictionBlockSubmodules,
+        MultiTokenPredictionLayer,
+        MultiTokenPredictionLayerSubmodules,
+    )
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    layer_specs = []
+    for i in range(spec.mtp_num_layers):
+        layer = spec.num_layers + i
+        layer_specs.append(ModuleSpec(
+            module=MultiTokenPredictionLayer,
+            submodules=MultiTokenPredictionLayerSubmodules(
+                enorm=ZeroCenteredRMSNorm,
+                hnorm=ZeroCenteredRMSNorm,
+                eh_proj=ColumnParallelLinear,
+                transformer_layer=_layer_spec(spec, layer, config.get_config_for_layer(layer + 1)),
+                layer_norm=ZeroCenteredRMSNorm,
+            ),
+        ))
+    return MultiTokenPredictionBlockSubmodules(layer_specs=layer_specs)
+
+
+class MTPOutputHead(nn.Module):
+    """One MTP layer's own output head (HF ``transformer.shared_head.output``), vocab-sharded over TP
+    like ``output_layer``. megatron-core's MTP computes its logits with the main output layer and
+    has no such weight; it is held here so the checkpoint carries the released heads (they differ
+    from ``lm_head``) and export gives them back. Not used in forward."""
+
+    def __init__(self, padded_vocab_size: int, hidden_size: int, dtype: torch.dtype):
+        super().__init__()
+        from megatron.core import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.weight = nn.Parameter(torch.zeros(padded_vocab_size // tp, hidden_size, dtype=dtype))
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        return make_sharded_tensors_for_checkpoint(self.state_dict(keep_vars=True), prefix, {"weight": 0}, sharded_offsets)
+
+
+@contextmanager
+def _without_mtp(gpt):
+    """Next-token logits only: GPTModel would run its MTP block and then require ``labels`` for
+    the MTP losses (gpt_model.py ``_postprocess``), which a logits comparison has none of."""
+    saved = gpt.mtp_process, gpt.config.mtp_num_layers
+    gpt.mtp_process, gpt.config.mtp_num_layers = False, None
+    try:
+        yield
+    finally:
+        gpt.mtp_process, gpt.config.mtp_num_layers = saved
 
 
 def block_spec(spec: ModelSpec):
@@ -441,9 +525,11 @@ class Step37Megatron(nn.Module):
         self.padded_vocab_size = padded_vocab_size
         self.hf_config = hf_config(spec)
         text = self.hf_config.text_config
+        config = transformer_config(spec, dtype)
         self.language_model = GPTModel(
-            config=transformer_config(spec, dtype),
+            config=config,
             transformer_layer_spec=block_spec(spec),
+            mtp_block_spec=mtp_block_spec(spec, config),
             vocab_size=padded_vocab_size,
             max_sequence_length=int(text.max_position_embeddings),
             pre_process=True,
@@ -453,6 +539,9 @@ class Step37Megatron(nn.Module):
             # RoPE differs per layer type: each attention layer applies its own (see above).
             position_embedding_type="none",
         ).to(dtype)
+        if spec.mtp_num_layers:
+            for mtp_layer in self.language_model.mtp.layers:
+                mtp_layer.output_layer = MTPOutputHead(padded_vocab_size, spec.hidden_size, dtype)
         vision = self.hf_config.vision_config
         self.vision_model = Step37VisionTower(vision, dtype)
         self.image_insert_embedding = ImageInsertEmbedding(
@@ -514,13 +603,14 @@ class Step37Megatron(nn.Module):
                 embeds, self.image_features(pixel_values), input_ids, image_start_token_id
             )
         causal = causal_mask(input_ids.shape[1], None, input_ids.device)
-        logits = self.language_model(
-            input_ids=None,
-            position_ids=None,
-            attention_mask=causal,
-            decoder_input=embeds,
-            runtime_gather_output=True,
-        )
+        with _without_mtp(self.language_model):
+            logits = self.language_model(
+                input_ids=None,
+                position_ids=None,
+                attention_mask=causal,
+                decoder_input=embeds,
+                runtime_gather_output=True,
+            )
         return logits[..., : self.spec.vocab_size]
 
 
