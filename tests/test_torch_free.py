@@ -1,7 +1,7 @@
 """Conversion moves bytes, so it runs without torch: the formats torch would write, written by us.
 
 These specify that our hand-written pickles are what torch writes (byte for byte for chunk
-archives; object for object for DCP's ``.metadata``), that Arrays carry every checkpoint dtype
+archives; field for field for DCP's ``.metadata``: test_dcp_metadata.py), that Arrays carry every checkpoint dtype
 bit-exactly, and that a conversion process never imports torch unless a dtype cast needs it.
 """
 
@@ -62,50 +62,6 @@ def test_objects_are_archived_as_torch_save_does():
     for obj in ([None], {}):
         assert torch.load(io.BytesIO(object_bytes(obj)), weights_only=True) == obj
     assert dict(_TRAILER_RECORDS)["version"] == b"3\n"
-
-
-def test_metadata_loads_in_torch_as_the_metadata_dcp_itself_would_pickle(tmp_path):
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (
-        BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
-        TensorStorageMetadata,
-    )
-
-    from ckptconv.formats.torch_dist import DistCheckpointWriter, read_dcp_metadata, write_metadata
-
-    writer = DistCheckpointWriter(tmp_path)
-    weight = torch.randn(2, 6, 4).to(torch.bfloat16)
-    for layer in range(2):
-        writer.write_chunk("w", (2, 6, 4), (layer, 0, 0), weight[layer:layer + 1])
-    writer.write_object("w_extra/shard_0_1", [None])
-    index = writer.close()
-    write_metadata(tmp_path, [index])
-
-    loaded = FileSystemReader(str(tmp_path)).read_metadata()
-    expected = Metadata(
-        state_dict_metadata={
-            "w": TensorStorageMetadata(
-                properties=TensorProperties(dtype=torch.bfloat16), size=torch.Size([2, 6, 4]),
-                chunks=[ChunkStorageMetadata(offsets=torch.Size([layer, 0, 0]), sizes=torch.Size([1, 6, 4])) for layer in range(2)],
-            ),
-            "w_extra/shard_0_1": BytesStorageMetadata(),
-        },
-        planner_data=None,
-        storage_data={
-            MetadataIndex(fqn, None if offsets is None else torch.Size(offsets)): _StorageInfo(info.relative_path, info.offset, info.length)
-            for (fqn, offsets), info in index.storage.items()
-        },
-        storage_meta=StorageMeta(checkpoint_id=None, save_id="ckptconv"),
-    )
-    assert loaded.state_dict_metadata == expected.state_dict_metadata
-    assert loaded.storage_data == expected.storage_data
-    assert loaded.storage_meta.save_id == "ckptconv"
-    # ... and our own reader reads back what DCP's pickle (of the real classes) says.
-    (tmp_path / "dcp.metadata").write_bytes(pickle.dumps(expected))
-    ours = read_dcp_metadata(tmp_path / "dcp.metadata")
-    assert ours.entries["w"].size == (2, 6, 4) and ours.entries["w"].dtype == torch.bfloat16
-    assert ours.storage == index.storage
 
 
 def test_meta_arrays_have_shapes_and_no_memory():

@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
+import uuid
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -187,9 +189,11 @@ class DistCheckpointWriter:
             lane.file.abort()
 
 
-def write_metadata(directory: Path, parts: list[LocalIndex]) -> dict[str, str]:
+def write_metadata(directory: Path, parts: list[LocalIndex], checkpoint_id: str | None = None) -> dict[str, str]:
     """Merge every rank's index into ``.metadata``; write ``metadata.json`` and ``common.pt``.
-    Returns the checksum of each metadata file written."""
+    ``checkpoint_id``: the directory the checkpoint will be read from (``StorageMeta.checkpoint_id``,
+    which torch's writer sets to its path; default ``directory``). Returns the checksum of each
+    metadata file written."""
     entries: dict[str, TensorMeta | BytesMeta] = {}
     storage: dict[StorageKey, StorageInfo] = {}
     for part in parts:
@@ -208,7 +212,9 @@ def write_metadata(directory: Path, parts: list[LocalIndex]) -> dict[str, str]:
     metadata = CheckpointMetadata(dict(sorted(entries.items())), storage)
     hashes = {}
     payloads = {
-        ".metadata": dcp_metadata_pickle(metadata),
+        ".metadata": dcp_metadata_pickle(
+            metadata, checkpoint_id=str(checkpoint_id if checkpoint_id is not None else directory),
+            save_id=save_id_for({name: digest for part in parts for name, digest in part.file_hashes.items()})),
         "metadata.json": json.dumps(MEGATRON_METADATA).encode(),
         "common.pt": object_bytes({}),
     }
@@ -238,9 +244,64 @@ def _torch_size(values) -> Call:
     return Call(Global("torch", "Size"), (tuple(values),))
 
 
-def dcp_metadata_pickle(metadata: CheckpointMetadata) -> bytes:
-    """``pickle.dumps(Metadata(...))`` as DCP writes it: the same classes, fields and state, so
-    ``torch.distributed.checkpoint`` and megatron-core load it as their own (tested)."""
+DCP_VERSION = "1.0.0"
+"""``Metadata.version`` as torch's own ``FileSystemWriter.finish`` writes it (``CURRENT_DCP_VERSION``
+in ``torch/distributed/checkpoint/filesystem.py``, torch 2.13); megatron-core's
+``dist_checkpointing.save`` ends in that same ``finish``."""
+
+
+def save_id_for(file_hashes: dict[str, str]) -> str:
+    """``StorageMeta.save_id``: torch draws a ``uuid4``; ours is a uuid derived from the data files'
+    checksums, the same form, and the same bytes for the same checkpoint (``.metadata``'s checksum
+    is in ckptconv.json)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, json.dumps(sorted(file_hashes.items()))))
+
+
+def dcp_metadata_pickle(metadata: CheckpointMetadata, *, checkpoint_id: str, save_id: str,
+                        use_torch: bool | None = None) -> bytes:
+    """The ``.metadata`` bytes: DCP's ``Metadata`` with the fields torch's ``FileSystemWriter``
+    writes (``version``, ``storage_meta``, ``planner_data=None`` as megatron-core's planner leaves it),
+    so ``torch.distributed.checkpoint`` and megatron-core load it as their own (tested field for field
+    against megatron-core's ``dist_checkpointing.save``).
+
+    Two writers, one result. Where torch is already imported (torchrun, dtype casts), DCP's own
+    dataclasses go through ``pickle``: at real size (80k chunks) that is 2-3x faster than our
+    emitter. Where it is not, the torch-free emitter saves the 1.4 s torch + DCP import, which is
+    more than the emitter costs below ~40k chunks (docs/benchmarks.md, "Writing .metadata").
+    """
+    if use_torch is None:
+        use_torch = "torch" in sys.modules
+    if use_torch:
+        return _metadata_with_torch(metadata, checkpoint_id, save_id)
+    return _metadata_without_torch(metadata, checkpoint_id, save_id)
+
+
+def _metadata_with_torch(metadata: CheckpointMetadata, checkpoint_id: str, save_id: str) -> bytes:
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    def tensor_entry(md: TensorMeta) -> TensorStorageMetadata:
+        chunks = [ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in md.chunks]
+        return TensorStorageMetadata(TensorProperties(dtype=getattr(torch, md.dtype.torch_name)), torch.Size(md.size), chunks)
+
+    return pickle.dumps(Metadata(
+        state_dict_metadata={key: tensor_entry(md) if isinstance(md, TensorMeta) else BytesStorageMetadata()
+                             for key, md in metadata.entries.items()},
+        planner_data=None,
+        storage_data={MetadataIndex(fqn, offsets): _StorageInfo(info.relative_path, info.offset, info.length)
+                      for (fqn, offsets), info in metadata.storage.items()},
+        storage_meta=StorageMeta(checkpoint_id=checkpoint_id, save_id=save_id),
+        version=DCP_VERSION,
+    ))
+
+
+def _metadata_without_torch(metadata: CheckpointMetadata, checkpoint_id: str, save_id: str) -> bytes:
+    """``pickle.dumps(Metadata(...))`` as the stdlib would pickle DCP's classes: the same classes,
+    fields and state, emitted by name without importing them."""
 
     def tensor_entry(md: TensorMeta) -> Obj:
         properties = Obj(Global(_DCP, "TensorProperties"), (
@@ -266,14 +327,14 @@ def dcp_metadata_pickle(metadata: CheckpointMetadata) -> bytes:
                                                       "length": info.length})
         for (fqn, offsets), info in metadata.storage.items()
     }
-    storage_meta = Obj(Global(_DCP, "StorageMeta"), {"checkpoint_id": None, "save_id": "ckptconv", "load_id": None,
-                                                     "modules": []})
+    storage_meta = Obj(Global(_DCP, "StorageMeta"), {"checkpoint_id": checkpoint_id, "save_id": save_id,
+                                                     "load_id": None, "modules": []})
     return dumps(Obj(Global(_DCP, "Metadata"), {
         "state_dict_metadata": state_dict_metadata,
         "planner_data": None,
         "storage_data": storage_data,
         "storage_meta": storage_meta,
-        "version": None,
+        "version": DCP_VERSION,
     }))
 
 

@@ -230,7 +230,7 @@ def convert_hf_to_mcore(
         error = None
         if rank == 0:
             try:
-                _finish_checkpoint(staging, release, parts, plan, source, summary, dtype, layout)
+                _finish_checkpoint(staging, release, out.resolve() / RELEASE_DIR, parts, plan, source, summary, dtype, layout)
             except ConversionError as exc:
                 error = exc
         distributed.raise_if_any_failed(error)
@@ -238,11 +238,11 @@ def convert_hf_to_mcore(
     return distributed.sum_counters(summary).finish()
 
 
-def _finish_checkpoint(staging: Path, release: Path, parts: list[LocalIndex], plan: Plan, source: HFCheckpoint,
+def _finish_checkpoint(staging: Path, release: Path, final_release: Path, parts: list[LocalIndex], plan: Plan, source: HFCheckpoint,
                        summary: Summary, dtype: str, layout: ParallelLayout) -> None:
     _check_everything_written(plan, parts)
     hashes = {f"{RELEASE_DIR}/{name}": digest for part in parts for name, digest in part.file_hashes.items()}
-    hashes.update({f"{RELEASE_DIR}/{name}": digest for name, digest in write_metadata(release, parts).items()})
+    hashes.update({f"{RELEASE_DIR}/{name}": digest for name, digest in write_metadata(release, parts, checkpoint_id=str(final_release)).items()})
     (staging / TRACKER_NAME).write_text("release")
     for sidecar in source.sidecar_files():
         shutil.copy2(sidecar, staging / sidecar.name)
