@@ -316,7 +316,7 @@ def _missing_tensors(ckpt, tmp):
     bad = Path(shutil.copytree(ckpt, tmp / "missing"))
     metadata = DistCheckpointReader(bad).metadata
     del metadata.entries["visual.merger.mlp.2.bias"]
-    (bad / "release" / ".metadata").write_bytes(dcp_metadata_pickle(metadata))
+    (bad / "release" / ".metadata").write_bytes(dcp_metadata_pickle(metadata, checkpoint_id=str(bad / "release"), save_id="edited"))
     return bad, "not a complete qwen2_5_vl checkpoint of this config: 1 tensor(s) missing, e.g. visual.merger.mlp.2.bias"
 
 
