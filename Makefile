@@ -6,7 +6,7 @@ DEMO   ?= demo
 
 .PHONY: install demo test bench bench-smoke clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned exactly: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0

@@ -57,7 +57,7 @@ def _is_rank0() -> bool:
 
 
 def verify_command(
-    src: Path = typer.Argument(..., help="The Hugging Face checkpoint directory the conversion started from."),
+    src: str = typer.Argument(..., help="The Hugging Face model the conversion started from: a local directory, or a hub repo id (org/name) resolved through the huggingface_hub cache."),
     ckpt: Path = typer.Argument(..., help="The Megatron torch_dist checkpoint (OUT with latest_checkpointed_iteration.txt, or the checkpoint dir itself)."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel size to load the checkpoint at; run under torchrun --nproc-per-node TP."),
     device: Device = typer.Option(Device.auto, "--device", help="auto picks CUDA when available; fp32 on CPU is the default elsewhere."),

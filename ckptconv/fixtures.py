@@ -114,7 +114,10 @@ def make_tiny(family: str, out_dir: str | os.PathLike, *, seed: int = 0, **optio
     return get_family(family).make_tiny(out_dir, seed=seed, **options)
 
 
-def build_and_save(model_cls, config, out_dir, seed: int, dtype: torch.dtype) -> Path:
+def build_and_save(model_cls, config, out_dir, seed: int, dtype: torch.dtype, max_shard_size: str | None = None) -> Path:
+    """Build ``model_cls(config)``, randomize it (seeded), save with ``save_pretrained``; with
+    ``max_shard_size`` (e.g. ``"100KB"``) as transformers shards big checkpoints: several
+    ``model-0000i-of-0000n.safetensors`` and a ``model.safetensors.index.json``."""
     _quiet_transformers()
     out = _reset_dir(out_dir)
     torch.manual_seed(seed)
@@ -123,7 +126,7 @@ def build_and_save(model_cls, config, out_dir, seed: int, dtype: torch.dtype) ->
     randomize_state_dict_(model, seed)
     model = model.to(dtype)
     model.config.dtype = dtype
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return out
 
 
@@ -236,6 +239,23 @@ def _is_norm_like(name: str) -> bool:
 # --------------------------------------------------------------------------- hub cache
 
 
+#: Files the hub stores with Git LFS (its default ``.gitattributes``): their blob is named by the
+#: sha256 of the content; every other file's blob by its git blob sha1.
+_LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".model", ".tiktoken", ".msgpack", ".h5", ".onnx")
+
+
+def _blob_name(path: Path) -> str:
+    """The etag huggingface_hub names a blob by (``file_download.py``: ``blobs/<etag>``)."""
+    if path.name.endswith(_LFS_SUFFIXES):
+        digest = hashlib.sha256()
+    else:  # a git blob id: sha1 over "blob <size>\0" + content
+        digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def make_hub_cache(
     cache_dir: str | os.PathLike,
     repo_id: str,
@@ -244,27 +264,24 @@ def make_hub_cache(
     commit: str | None = None,
     revision: str = "main",
 ) -> Path:
-    """Lay out ``model_dir``'s files as a Hugging Face hub cache entry for ``repo_id``.
+    """Lay out ``model_dir``'s files as a Hugging Face hub cache entry for ``repo_id``, exactly as
+    ``huggingface_hub`` writes a download.
 
-    Creates ``<cache_dir>/models--org--name/{blobs/<sha256>, snapshots/<commit>/<file>
-    -> ../../blobs/<sha256>, refs/<revision>}`` so that
-    ``huggingface_hub.snapshot_download(repo_id, cache_dir=cache_dir,
-    local_files_only=True)`` returns the snapshot directory offline. Returns the
-    snapshot directory. ``commit`` defaults to a deterministic 40-hex digest of the
-    file contents. Blobs are hard links to ``model_dir``'s files where the
-    filesystem allows (no extra disk for big fixtures), copies otherwise.
+    Creates ``<cache_dir>/models--org--name/`` with ``blobs/<etag>`` (sha256 for LFS files such as
+    safetensors shards, the git blob sha1 for config and tokenizer files),
+    ``snapshots/<commit>/<file>`` -> a *relative* symlink ``../../blobs/<etag>`` (one more ``../``
+    per subdirectory), and ``refs/<revision>`` holding the commit, so that
+    ``huggingface_hub.snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True)``
+    returns the snapshot directory offline. Returns the snapshot directory. ``commit`` defaults to
+    a deterministic 40-hex digest of the file contents. Blobs are hard links to ``model_dir``'s
+    files where the filesystem allows (no extra disk for big fixtures), copies otherwise.
     """
     src = Path(model_dir)
     files = sorted(p for p in src.rglob("*") if p.is_file())
-    digests: dict[Path, str] = {}
+    blob_names = {p: _blob_name(p) for p in files}
     tree = hashlib.sha1()
     for p in files:
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-        digests[p] = h.hexdigest()
-        tree.update(f"{p.relative_to(src).as_posix()}\0{digests[p]}\n".encode())
+        tree.update(f"{p.relative_to(src).as_posix()}\0{blob_names[p]}\n".encode())
     commit = commit or tree.hexdigest()
     if len(commit) != 40 or any(c not in "0123456789abcdef" for c in commit):
         raise ValueError("commit must be 40 lowercase hex characters")
@@ -275,14 +292,13 @@ def make_hub_cache(
     snap.mkdir(parents=True, exist_ok=True)
     (repo_root / "refs").mkdir(exist_ok=True)
     for p in files:
-        blob = blobs / digests[p]
+        blob = blobs / blob_names[p]
         if not blob.exists():
             try:
                 os.link(p, blob)
             except OSError:
                 shutil.copyfile(p, blob)
-        rel = p.relative_to(src)
-        link = snap / rel
+        link = snap / p.relative_to(src)
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():
             link.unlink()

@@ -71,3 +71,19 @@ def read_safetensors_dir(directory: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     return tensors
+
+
+@pytest.fixture(scope="session")
+def sharded_hub_qwen(tmp_path_factory):
+    """The tiny Qwen2.5-VL as a user downloads a released model: sharded by ``save_pretrained``
+    (8 ``model-0000i-of-00008.safetensors`` + index) and laid out as the huggingface_hub cache
+    (``refs/main``, ``snapshots/<commit>/<file>`` -> ``../../blobs/<etag>``). Returns
+    ``(cache_dir, repo_id, snapshot_dir, plain_dir)``; ``plain_dir`` is the same model as written."""
+    from ckptconv.families.qwen2_5_vl.fixtures import make_tiny_qwen2_5_vl
+    from ckptconv.fixtures import make_hub_cache
+
+    root = tmp_path_factory.mktemp("hub_qwen")
+    plain = make_tiny_qwen2_5_vl(root / "download", seed=3, max_shard_size="100KB")
+    repo_id = "tiny-org/Tiny-Qwen2.5-VL"
+    snapshot = make_hub_cache(root / "hub", repo_id, plain)
+    return root / "hub", repo_id, snapshot, plain

@@ -24,6 +24,7 @@ declares in ``spec.offsets`` (``{hf_layer}`` = ``{mtp}`` + num_hidden_layers for
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -32,7 +33,10 @@ from pathlib import Path
 from ckptconv.errors import ConversionError
 from ckptconv.core.transforms import TRANSFORMS as CORE_TRANSFORMS, Transform
 
-MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "mappings"
+TABLES_PACKAGE = "ckptconv.mappings"
+"""The tables are package data: ``mappings/`` at the top of the repository (where people read and
+edit them) is installed as the package ``ckptconv.mappings`` (``setup.py``: ``package_dir``), in a
+wheel and in an editable install alike, so they are found from any working directory."""
 SHARD_KINDS = ("replicated", "column", "row", "glu", "vocab")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
@@ -123,9 +127,19 @@ def transform_vocabulary(family: str) -> dict[str, Transform]:
     return {**CORE_TRANSFORMS, **own}
 
 
+def installed_tables_dir() -> Path:
+    """Where the installed package keeps the tables."""
+    try:
+        return Path(str(importlib.resources.files(TABLES_PACKAGE)))
+    except ModuleNotFoundError:
+        raise ConversionError(
+            f"the mapping tables ({TABLES_PACKAGE}) are not installed; reinstall ckptconv (pip install .)"
+        ) from None
+
+
 def load_table(family: str, mappings_dir: Path | None = None) -> MappingTable:
     vocabulary = transform_vocabulary(family)
-    path = (mappings_dir or MAPPINGS_DIR) / f"{family}.toml"
+    path = Path(mappings_dir or installed_tables_dir()) / f"{family}.toml"
     if not path.is_file():
         raise ConversionError(f"no mapping table for family {family!r} at {path}")
     raw = path.read_bytes()

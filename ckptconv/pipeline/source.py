@@ -18,7 +18,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ckptconv.formats.array import BY_SAFETENSORS, Array, DType, FileBacking
 from ckptconv.errors import ConversionError
@@ -78,32 +78,48 @@ class HFCheckpoint:
         self._handles.clear()
 
 
+def hub_cache_dir() -> Path:
+    """The hub cache huggingface_hub uses: ``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``~/.cache/huggingface/hub`` (read now, not at huggingface_hub's import, so later settings count)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME") or "~/.cache/huggingface").expanduser() / "hub"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def resolve_source(src: str) -> Path:
-    """A local model directory, or a hub repo id found in (or, when online, fetched into) the cache."""
+    """A local model directory, or a hub repo id found in (or, when online, fetched into) the cache.
+
+    A snapshot directory of the hub cache is a local directory like any other (its files are
+    symlinks into ``blobs/``). A name of the form ``org/name`` that is not a local directory is
+    looked up in the cache, then (unless ``HF_HUB_OFFLINE``) on the hub; the error says all three,
+    since it may as well be a mistyped local path."""
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ConversionError(f"{src}: not a model directory (expected a directory with config.json and *.safetensors)")
         return path.resolve()
     if not _REPO_ID.match(src):
-        raise ConversionError(f"{src}: no such directory, and not a hub repo id of the form org/name")
+        raise ConversionError(f"{src}: no such directory (and not a hub repo id of the form org/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*"]
-    # Read the cache location now, not at huggingface_hub import time, so HF_HUB_CACHE set later counts.
-    cache_dir = os.environ.get("HF_HUB_CACHE") or None
+    cache_dir = hub_cache_dir()
+    not_here = f"{src}: no such local directory; not in the local hub cache ({cache_dir}) either"
     try:
         return Path(snapshot_download(src, local_files_only=True, allow_patterns=patterns, cache_dir=cache_dir))
     except LocalEntryNotFoundError:
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-            raise ConversionError(
-                f"{src}: not in the local hub cache ({os.environ.get('HF_HUB_CACHE', 'default cache')}) and HF_HUB_OFFLINE is set"
-            ) from None
+        if _offline():
+            raise ConversionError(f"{not_here}, and HF_HUB_OFFLINE is set, so the hub was not asked") from None
     try:
         return Path(snapshot_download(src, allow_patterns=patterns, cache_dir=cache_dir))
     except Exception as exc:  # network, auth, missing repo: one line for the user
-        raise ConversionError(f"{src}: could not fetch from the hub: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise ConversionError(f"{not_here}, and fetching it from the hub failed ({type(exc).__name__}: {reason})") from None
 
 
 def read_config(root: Path) -> dict:
@@ -119,12 +135,15 @@ def read_config(root: Path) -> dict:
     return config
 
 
-def _inside(root: Path, relative: str, where: str) -> str:
-    """Index entries must name plain files inside the model directory."""
-    candidate = Path(relative)
-    if candidate.is_absolute() or ".." in candidate.parts or not relative:
+def _inside(relative: str, where: str) -> str:
+    """An index entry must name a file inside the model directory. The *name* is judged, not where
+    the file leads: in the hub cache every file of a snapshot is a symlink into ``../../blobs/``,
+    and where a symlink points is the cache's business. Refused: absolute paths (POSIX or with a
+    drive), ``..`` anywhere, backslashes (a Windows separator smuggling ``..``) and empty names."""
+    if not isinstance(relative, str) or not relative.strip() or "\\" in relative or "\0" in relative:
         raise ConversionError(f"{where}: refusing shard path {relative!r} outside the model directory")
-    if not (root / candidate).resolve().is_relative_to(root.resolve()):
+    candidate = PurePosixPath(relative)
+    if candidate.is_absolute() or PureWindowsPath(relative).drive or ".." in candidate.parts or not candidate.parts:
         raise ConversionError(f"{where}: refusing shard path {relative!r} outside the model directory")
     return candidate.as_posix()
 
@@ -180,7 +199,7 @@ def open_hf_checkpoint(src: str) -> HFCheckpoint:
             assert isinstance(weight_map, dict)
         except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError):
             raise ConversionError(f"{index_path}: not a valid safetensors index (needs a weight_map object)") from None
-        files = sorted({_inside(root, rel, str(index_path)) for rel in weight_map.values()})
+        files = sorted({_inside(rel, str(index_path)) for rel in weight_map.values()})
     elif (root / SINGLE_NAME).is_file():
         weight_map, files = None, [SINGLE_NAME]
     else:

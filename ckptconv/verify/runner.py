@@ -143,11 +143,12 @@ def run_verify(
     from ckptconv.megatron import runtime
     from ckptconv.families import normalize_config
     from ckptconv.megatron.load import checkpoint_spec
-    from ckptconv.pipeline.source import read_config
+    from ckptconv.pipeline.source import read_config, resolve_source
 
     if mode not in ("direct", "roundtrip"):
         raise ConversionError(f"unknown mode {mode!r}; use direct or roundtrip")
-    hf_src, mcore_ckpt = Path(hf_src), Path(mcore_ckpt)
+    # A local directory or a hub repo id, resolved the way hf-to-mcore resolves its SRC.
+    hf_src, mcore_ckpt = resolve_source(str(hf_src)), Path(mcore_ckpt)
     if not (hf_src / "config.json").is_file():
         raise ConversionError(f"{hf_src}: not a Hugging Face checkpoint directory (no config.json)")
     dtype_name = _dtype_name(dtype)

@@ -142,6 +142,7 @@ def make_tiny_qwen2_5_vl(
     dtype: torch.dtype = torch.float32,
     num_layers: int = 2,
     with_processor: bool = True,
+    max_shard_size: str | None = None,
 ) -> Path:
     """Tiny random ``Qwen2_5_VLForConditionalGeneration`` (+ tokenizer/processor).
 
@@ -149,12 +150,13 @@ def make_tiny_qwen2_5_vl(
     vocab 320 (not a multiple of 128), mrope_section [2, 3, 3] (sums to
     head_dim / 2). Vision: depth 2, hidden 32, 2 heads, out_hidden_size 64,
     window_size 56, fullatt_block_indexes [1]. Special token ids: see
-    :data:`QWEN_TINY_SPECIAL_TOKENS`.
+    :data:`QWEN_TINY_SPECIAL_TOKENS`. ``max_shard_size`` (e.g. ``"100KB"``) shards it as
+    ``save_pretrained`` shards released checkpoints.
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     cfg = _qwen_tiny_config(tie_word_embeddings, num_layers)
-    out = build_and_save(Qwen2_5_VLForConditionalGeneration, cfg, out_dir, seed, dtype)
+    out = build_and_save(Qwen2_5_VLForConditionalGeneration, cfg, out_dir, seed, dtype, max_shard_size)
     if with_processor:
         _write_qwen_tokenizer_and_processor(out)
     return out
