@@ -204,10 +204,31 @@ def test_flat_moe_layers_come_from_start_end_and_interval(ernie_dirs):
     assert normalize_config(config).layer_mlp_kinds == ("dense", "dense", "moe", "moe", "moe", "dense")
 
 
+@pytest.mark.parametrize("num_layers", [28, 3])
+def test_released_pool_end_indices_past_the_last_layer_stop_at_the_depth(ernie_dirs, num_layers):
+    """Oracle: hand value. ERNIE-4.5-VL-28B-A3B-Thinking says start [1, 1], end [29, 28] over 28
+    layers: both ends lie past layer 27, so both pools cover layers 1..27 (ERNIE's own rule, as in
+    transformers' convert_ernie4_5_vl_moe_to_hf and sglang's decoder layer). A depth cut to 3 layers
+    keeps the rule."""
+    config = _flat_config(ernie_dirs)
+    config.update(num_hidden_layers=num_layers, moe_layer_start_index=[1, 1], moe_layer_end_index=[29, 28],
+                  moe_layer_interval=1)
+    assert normalize_config(config).layer_mlp_kinds == ("dense",) + ("moe",) * (num_layers - 1)
+
+
+def test_only_layers_with_one_pool_are_refused_and_named(ernie_dirs):
+    """Oracle: hand value. Vision experts ending at layer 20 of 28 leave layers 21-27 with text experts
+    only: refused, naming exactly those layers."""
+    config = _flat_config(ernie_dirs)
+    config.update(num_hidden_layers=28, moe_layer_start_index=[1, 1], moe_layer_end_index=[29, 20])
+    with pytest.raises(ConversionError, match=r"layer\(s\) 21-27 only the text pool;"):
+        normalize_config(config)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"moe_layer_start_index": [1, 2]}, "differs between the text and vision pools"),
+        ({"moe_layer_start_index": [1, 2]}, r"layer\(s\) 1 only the text pool"),
         ({"rope_3d": False}, "rope_3d is false"),
         ({"freq_allocation": 3}, "height/width; must be even"),
         ({"use_bias": True}, "use_bias"),

@@ -38,5 +38,11 @@ def family_for_config(config: dict, where: str = "config.json") -> Family:
     return _BY_MODEL_TYPE[model_type]
 
 
-def normalize_config(config: dict, where: str = "config.json") -> ModelSpec:
-    return family_for_config(config, where).normalize(config)
+def normalize_config(config: dict, where: str = "config.json", model_dir=None) -> ModelSpec:
+    """``config.json`` -> the spec. ``model_dir``: the directory the config came from, when its other
+    files (tokenizer, processor) may complete what the config leaves out (see
+    :meth:`Family.complete_config`)."""
+    family = family_for_config(config, where)
+    if model_dir is not None:
+        config = family.complete_config(config, model_dir)
+    return family.normalize(config)

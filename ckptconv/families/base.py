@@ -60,6 +60,12 @@ class Family:
         """``config.json`` as read -> the spec every other module reads."""
         return self.part("config").normalize(config)
 
+    def complete_config(self, config: dict, model_dir: Path) -> dict:
+        """``config`` completed from the model directory's other files (tokenizer, processor), for
+        what verify needs and the config may leave out (released configs name special tokens their own
+        way). Returns a new dict; the default changes nothing. Conversion never depends on it."""
+        return config
+
     def transforms(self) -> dict[str, "Transform"]:
         """Transforms of the family's own that its table names (the core vocabulary is implied)."""
         return self.part("transforms").TRANSFORMS if self.has_transforms else {}

@@ -84,7 +84,7 @@ def checkpoint_spec(ckpt: str | Path, fallback_config: str | Path | None = None)
         cfg_path = p / "config.json" if p.is_dir() else p
     if cfg_path is None or not cfg_path.is_file():
         raise ConversionError(f"{ckpt}: no config.json next to the checkpoint")
-    spec = normalize_config(json.loads(cfg_path.read_text()), where=str(cfg_path))
+    spec = normalize_config(json.loads(cfg_path.read_text()), where=str(cfg_path), model_dir=cfg_path.parent)
     sidecar = find_sidecar(resolve_checkpoint_dir(ckpt), "ckptconv.json")
     if sidecar is not None:
         family = json.loads(sidecar.read_text()).get("family")

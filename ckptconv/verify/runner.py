@@ -160,7 +160,7 @@ def run_verify(
     t0 = time.perf_counter()
     dev = runtime.init_parallel(tp=tp, device=device)
     spec = checkpoint_spec(mcore_ckpt, fallback_config=hf_src)
-    source_spec = normalize_config(read_config(hf_src), where=str(hf_src / "config.json"))
+    source_spec = normalize_config(read_config(hf_src), where=str(hf_src / "config.json"), model_dir=hf_src)
     _check_same_model(source_spec, spec, hf_src, mcore_ckpt)
     inputs = build_inputs(
         spec, hf_src, prompt=prompt, image=image, synthetic_image_=synthetic_image, text_only=text_only

@@ -11,5 +11,9 @@ class Ernie45VLMoe(Family):
     # Released ERNIE "Thinking" checkpoints use the remote-code type name; the weights are the same family.
     model_types = ("ernie4_5_vl_moe", "ernie4_5_moe_vl")
 
+    def complete_config(self, config, model_dir):
+        # Flat (released) configs name only im_patch_id; the other special ids are in the tokenizer files.
+        return self.part("tokens").complete_token_ids(config, model_dir)
+
 
 FAMILY = Ernie45VLMoe()

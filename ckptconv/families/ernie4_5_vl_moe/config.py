@@ -80,18 +80,41 @@ def _layer_kinds_nested(text: dict, num_layers: int, where: str) -> tuple[str, .
     return tuple(kinds)
 
 
-def _one_index(cfg: dict, key: str, default, where: str) -> int:
-    """``moe_layer_*_index`` may be a per-pool list; the pools must agree, because a layer holds both
-    pools or neither (Megatron's block here is text MoE + vision MoE + shared experts together)."""
+def _per_pool_index(cfg: dict, key: str, default: int, where: str) -> tuple[int, int]:
+    """``moe_layer_start_index`` / ``moe_layer_end_index``: one value for both pools or ``[text, vision]``."""
     value = cfg.get(key, default)
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise ConversionError(
-                f"{where}: {key} = {list(value)} differs between the text and vision pools; a layer with only "
-                "one pool's experts is not supported"
-            )
-        value = value[0]
-    return int(value)
+    if value is None:
+        value = default
+    return _pair(value, key, where)
+
+
+def _pool_layers(cfg: dict, num_layers: int, where: str) -> tuple[set[int], set[int]]:
+    """The layers holding each pool's experts, by ERNIE's own rule: a layer is MoE when
+    ``(layer + 1) % moe_layer_interval == 0`` and ``start <= layer <= end``, an end of -1 meaning the
+    last layer. Released configs give ends past the last layer (28B: ``[29, 28]`` over 28 layers); the
+    layers stop at the model's depth. This is the rule of transformers' ``convert_ernie4_5_vl_moe_to_hf``
+    (``convert_text_config_to_hf``) and sglang's ``Ernie4_5_VLMoeDecoderLayer``, applied per pool."""
+    interval = int(cfg.get("moe_layer_interval", 1))
+    if interval < 1:
+        raise ConversionError(f"{where}: moe_layer_interval must be >= 1, got {interval}")
+    starts = _per_pool_index(cfg, "moe_layer_start_index", 0, where)
+    ends = _per_pool_index(cfg, "moe_layer_end_index", -1, where)
+    pools = []
+    for start, end in zip(starts, ends):
+        last = num_layers - 1 if end < 0 else min(end, num_layers - 1)
+        pools.append({i for i in range(max(start, 0), last + 1) if (i + 1) % interval == 0})
+    return pools[0], pools[1]
+
+
+def _spans(layers: list[int]) -> str:
+    """``[21, 22, 23, 25]`` -> ``"21-23, 25"``."""
+    out: list[str] = []
+    for layer in layers:
+        if out and int(out[-1].split("-")[-1]) == layer - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{layer}"
+        else:
+            out.append(str(layer))
+    return ", ".join(out)
 
 
 def _layer_kinds_flat(cfg: dict, num_layers: int, where: str) -> tuple[str, ...]:
@@ -99,16 +122,21 @@ def _layer_kinds_flat(cfg: dict, num_layers: int, where: str) -> tuple[str, ...]
         return _layer_kinds_nested(cfg, num_layers, where)
     if "moe_layer_start_index" not in cfg:
         raise ConversionError(f"{where}: neither mlp_layer_types nor moe_layer_start_index says which layers are MoE")
-    start = _one_index(cfg, "moe_layer_start_index", 0, where)
-    end = _one_index(cfg, "moe_layer_end_index", -1, where)
-    interval = int(cfg.get("moe_layer_interval", 1))
-    if end < 0:  # ERNIE's convention: -1 = up to the last layer
-        end = num_layers - 1
-    if interval < 1:
-        raise ConversionError(f"{where}: moe_layer_interval must be >= 1, got {interval}")
-    return tuple(
-        "moe" if start <= i <= end and (i - start) % interval == 0 else "dense" for i in range(num_layers)
-    )
+    text, vision = _pool_layers(cfg, num_layers, where)
+    # A layer holds both pools or neither: the Megatron block (text MoE + vision MoE + shared experts,
+    # Megatron-Bridge's ErnieMultiTypeMoE) has no one-pool form. Refuse only such layers, by number.
+    text_only, vision_only = sorted(text - vision), sorted(vision - text)
+    if text_only or vision_only:
+        which = "; ".join(
+            f"layer(s) {_spans(layers)} only the {pool} pool"
+            for pool, layers in (("text", text_only), ("vision", vision_only)) if layers
+        )
+        raise ConversionError(
+            f"{where}: moe_layer_start_index {cfg.get('moe_layer_start_index')} / moe_layer_end_index "
+            f"{cfg.get('moe_layer_end_index')} over {num_layers} layers give {which}; a layer with one pool's "
+            "experts is not supported (the Megatron ERNIE block holds both pools)"
+        )
+    return tuple("moe" if i in text else "dense" for i in range(num_layers))
 
 
 # ------------------------------------------------------------------------------------ 3D RoPE
@@ -259,8 +287,8 @@ def normalize(config: dict) -> ModelSpec:
         if value is None and key == "image_token_id":
             value = config.get("im_patch_id")  # the released flat config's name for it
         tokens[key] = None if value is None else int(value)
-    if tokens["image_token_id"] is None:
-        raise ConversionError(f"{where}: image_token_id (or im_patch_id) is missing")
+    # Conversion needs no token id; verify does, and fills what config.json lacks from the tokenizer
+    # files first (Family.complete_config), then refuses in its inputs if still missing.
 
     tie = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
     return ModelSpec(

@@ -72,8 +72,13 @@ def prepare_verify_inputs(spec: ModelSpec, hf_dir, *, prompt: str, image=None) -
         return hf_kwargs, mcore_kwargs, torch.zeros(input_ids.shape[1], dtype=torch.bool)
 
     start, end = tokens["image_start_token_id"], tokens["image_end_token_id"]
-    if start is None or end is None:
-        raise ConversionError("config.json lacks image_start_token_id / image_end_token_id")
+    missing = [name for name, value in (("image_token_id (im_patch_id)", spec.image_token_id),
+                                        ("image_start_token_id", start), ("image_end_token_id", end)) if value is None]
+    if missing:
+        raise ConversionError(
+            f"{hf_dir}: {', '.join(missing)} neither in config.json nor in the tokenizer files "
+            "(added tokens <|IMAGE_PLACEHOLDER|>, <|IMAGE_START|>, <|IMAGE_END|>)"
+        )
     processor = _image_processor(spec, hf_dir)
     size = dict(processor.size)
     size["longest_edge"] = min(int(size.get("longest_edge") or VERIFY_MAX_IMAGE_PIXELS), VERIFY_MAX_IMAGE_PIXELS)
