@@ -91,6 +91,19 @@ def test_transpose_split_rows_and_expert_splits_round_trip():
     assert torch.equal(back[0], gate) and torch.equal(back[1], up)
 
 
+_TIED = torch.randn(10, 3)
+
+def test_a_second_copy_of_a_tied_embedding_must_equal_it_bit_for_bit():
+    """Oracle: hand value. One bit of difference in lm_head is refused, not dropped."""
+    from ckptconv.errors import ConversionError
+
+    emb = torch.randn(10, 3, dtype=torch.bfloat16)
+    head = emb.clone()
+    head.view(torch.int16)[3, 1] ^= 1
+    with pytest.raises(ConversionError, match="differs from the embedding although tie_word_embeddings"):
+        get("pad_vocab_tied").forward([emb, head], ctx(padded_vocab_size=16))
+
+
 EXAMPLE_INPUTS = {
     "copy": [torch.randn(5, 3)],
     "copy_all": [torch.randn(5), torch.randn(2, 2)],
@@ -98,6 +111,7 @@ EXAMPLE_INPUTS = {
     "fuse_gate_up": [torch.randn(4, 3), torch.randn(4, 3)],
     "transpose": [torch.randn(4, 3)],
     "pad_vocab": [torch.randn(10, 3)],
+    "pad_vocab_tied": [_TIED, _TIED.clone()],  # a tied embedding stored twice
     "split_rows": [torch.randn(2, 5)],
     "split_experts": [torch.randn(3, 2, 2)],
     "fuse_gate_up_split_experts": [torch.randn(3, 2, 4), torch.randn(3, 2, 4)],

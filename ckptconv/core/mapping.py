@@ -19,6 +19,17 @@ how::
 Placeholders: ``{layer}``, ``{expert}``, ``{hf_expert}``, any range the family's normalizer
 declares in ``spec.ranges`` (e.g. ``{vblock}`` for vision blocks) and any offset placeholder it
 declares in ``spec.offsets`` (``{hf_layer}`` = ``{mtp}`` + num_hidden_layers for Step3.7's MTP layers).
+
+How a source lays its tensors out on disk, where vendors differ, is data too
+(:mod:`ckptconv.core.source_layout` reads the source against it)::
+
+    [[hf_prefix]]              # the same tensors under another prefix; the rows use the first spelling
+    spellings = ["model.vision_model.", "vision_model."]
+
+    [[source_flag]]            # a `when` flag that is true when the source stores this tensor
+    name = "tied_lm_head_on_disk"
+    present = "lm_head.weight"
+    when = "tie_word_embeddings"   # ... and this spec flag holds
 """
 
 from __future__ import annotations
@@ -65,6 +76,15 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class SourceFlag:
+    """A ``when`` flag read off the source: true when it stores ``present`` (and ``when`` holds)."""
+
+    name: str
+    present: str
+    when: str | None = None
+
+
+@dataclass(frozen=True)
 class MappingTable:
     family: str
     rules: tuple[Rule, ...]
@@ -72,6 +92,11 @@ class MappingTable:
     path: Path
     transforms: dict[str, Transform] = field(default_factory=dict)
     """The vocabulary the rows name: the core transforms plus the family's own."""
+    hf_prefixes: tuple[tuple[str, ...], ...] = ()
+    """Alternative on-disk spellings of a name prefix; the rows use the first of each."""
+    source_flags: tuple[SourceFlag, ...] = ()
+    flag_values: dict[str, bool] = field(default_factory=dict)
+    """Values of the source flags for the source this table is bound to (all false unbound)."""
 
     def transform_of(self, rule: Rule) -> Transform:
         return self.transforms[rule.transform]
@@ -152,4 +177,22 @@ def load_table(family: str, mappings_dir: Path | None = None) -> MappingTable:
     rows = data.get("tensor", [])
     rules = tuple(_parse_rule(row, f"{path.name} row {i + 1}", vocabulary) for i, row in enumerate(rows))
     used = {rule.transform: vocabulary[rule.transform] for rule in rules}
-    return MappingTable(family=family, rules=rules, sha256=hashlib.sha256(raw).hexdigest(), path=path, transforms=used)
+    prefixes = tuple(_parse_prefix(row, f"{path.name} hf_prefix {i + 1}") for i, row in enumerate(data.get("hf_prefix", [])))
+    flags = tuple(_parse_source_flag(row, f"{path.name} source_flag {i + 1}") for i, row in enumerate(data.get("source_flag", [])))
+    return MappingTable(family=family, rules=rules, sha256=hashlib.sha256(raw).hexdigest(), path=path, transforms=used,
+                        hf_prefixes=prefixes, source_flags=flags, flag_values={f.name: False for f in flags})
+
+
+def _parse_prefix(row: dict, where: str) -> tuple[str, ...]:
+    spellings = row.get("spellings")
+    if set(row) != {"spellings"} or not isinstance(spellings, list) or len(spellings) < 2 or \
+            not all(isinstance(p, str) and p.endswith(".") for p in spellings):
+        raise ConversionError(f"{where}: needs exactly `spellings`, two or more prefixes ending in '.'")
+    return tuple(spellings)
+
+
+def _parse_source_flag(row: dict, where: str) -> SourceFlag:
+    unknown = set(row) - {"name", "present", "when"}
+    if unknown or not isinstance(row.get("name"), str) or not isinstance(row.get("present"), str):
+        raise ConversionError(f"{where}: needs `name` and `present` (and optionally `when`)")
+    return SourceFlag(name=row["name"], present=row["present"], when=row.get("when"))

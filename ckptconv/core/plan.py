@@ -73,13 +73,15 @@ class Plan:
         return sorted({t.extra_state_fqn for item in self.items if item.rule.extra_state for t in item.targets})
 
 
-def _flag(spec: ModelSpec, expression: str) -> bool:
+def _flag(spec: ModelSpec, expression: str, table: MappingTable | None = None) -> bool:
     negate = expression.startswith("not ")
     name = expression[4:].strip() if negate else expression.strip()
     if hasattr(spec, name):
         value = getattr(spec, name)
     elif name in spec.flags:
         value = spec.flags[name]
+    elif table is not None and name in table.flag_values:  # read off the source (core.source_layout)
+        value = table.flag_values[name]
     else:
         raise ConversionError(f"mapping condition {expression!r}: {name!r} is not a spec field or flag")
     return bool(value) != negate
@@ -161,7 +163,7 @@ def build_plan(spec: ModelSpec, table: MappingTable, layout: ParallelLayout) -> 
     layout.validate(spec)
     plan = Plan(spec=spec, layout=layout, table=table, padded_vocab_size=layout.padded_vocab_size(spec.vocab_size))
     for rule in table.rules:
-        if rule.when and not _flag(spec, rule.when):
+        if rule.when and not _flag(spec, rule.when, table):
             continue
         hf_ph, mcore_ph = rule.placeholders()
         hf_ph = {_source_placeholder(p, spec) for p in hf_ph}

@@ -213,6 +213,46 @@ def _pad_vocab():
 
 
 # ----------------------------------------------------------------------------------------------
+@register("pad_vocab_tied", (2, 1))
+def _pad_vocab_tied():
+    """A tied model's embedding stored twice (``embed_tokens`` and ``lm_head``, as some conversions of
+    tied checkpoints write it): Megatron keeps one matrix, so the second copy must be the first bit for
+    bit, else the checkpoint is refused; then ``pad_vocab``. Inverse: the embedding, and ``lm_head``
+    as its copy (the layout the source had)."""
+    pad = TRANSFORMS["pad_vocab"]
+
+    def same(ts, ctx):
+        import numpy as np
+
+        from ckptconv.formats.array import as_array
+
+        embedding, head = (as_array(t) for t in ts)
+        if embedding.meta or head.meta:  # planning on meta tensors: shapes only
+            if embedding.shape != head.shape:
+                raise ctx.fail(f"lm_head shape {list(head.shape)} differs from the embedding's {list(embedding.shape)}")
+            return
+        if embedding.dtype != head.dtype or embedding.shape != head.shape or not np.array_equal(embedding.raw, head.raw):
+            raise ctx.fail(
+                "the output layer differs from the embedding although tie_word_embeddings is true; a tied model "
+                "has one matrix, and keeping either would silently drop the other"
+            )
+
+    def forward_rows(ts, ctx):
+        same(ts, ctx)
+        return pad.forward_rows(ts[:1], ctx)
+
+    def forward(ts, ctx):
+        same(ts, ctx)
+        return pad.forward(ts[:1], ctx)
+
+    def inverse(ts, ctx):
+        (embedding,) = pad.inverse(ts, ctx)
+        return [embedding, embedding]
+
+    return forward, inverse, forward_rows
+
+
+# ----------------------------------------------------------------------------------------------
 @register("split_experts", (1, None))
 @register("split_rows", (1, None))
 def _unstack():

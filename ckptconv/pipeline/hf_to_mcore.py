@@ -18,6 +18,7 @@ from ckptconv.core.layout import ParallelLayout, tp_chunks
 from ckptconv.formats.checksum import CHECKSUM, checksum_file
 from ckptconv.pipeline.manifest import RELEASE_DIR, TRACKER_NAME, versions, write_manifest
 from ckptconv.core.mapping import load_table
+from ckptconv.core.source_layout import SourceLayout, bind, detect_source_layout
 from ckptconv.pipeline.outdir import staged_output
 from ckptconv.core.plan import Plan, PlanItem, build_plan
 from ckptconv.pipeline.report import Summary, make_progress
@@ -32,16 +33,20 @@ DTYPES = {"auto": None, "bf16": BF16, "fp16": F16, "fp32": F32}
 class PlannedConversion:
     source: HFCheckpoint
     plan: Plan
+    source_layout: SourceLayout
 
 
 def prepare(src: str, layout: ParallelLayout) -> PlannedConversion:
     """Everything that can fail before a byte is written: source, config, plan, coverage, shapes."""
     source = open_hf_checkpoint(src)
     spec = normalize_config(source.config, where=str(source.root / "config.json"))
-    plan = build_plan(spec, load_table(spec.family), layout)
+    table = load_table(spec.family)
+    # The source's own spellings and optional tensors (the table's [[hf_prefix]] / [[source_flag]]).
+    source_layout = detect_source_layout(table, spec, source.tensors)
+    plan = build_plan(spec, bind(table, source_layout), layout)
     check_coverage(plan, source)
     check_shapes(plan, source)
-    return PlannedConversion(source, plan)
+    return PlannedConversion(source, plan, source_layout)
 
 
 def check_coverage(plan: Plan, source: HFCheckpoint) -> None:
@@ -198,6 +203,7 @@ def convert_hf_to_mcore(
     summary = Summary(command="hf-to-mcore", source=str(src), output=str(out), ranks=world_size)
     planned = distributed.first_error_everywhere(lambda: prepare(src, layout))
     source, plan = planned.source, planned.plan
+    summary.notes.extend(_layout_notes(planned.source_layout))
     summary.family = plan.spec.family
     summary.layout = {"tp": tp, "pp": pp, "ep": ep, "etp": etp, "dtype": dtype, "padded_vocab_size": plan.padded_vocab_size}
     summary.notes.extend(plan.spec.filled_defaults)
@@ -230,7 +236,8 @@ def convert_hf_to_mcore(
         error = None
         if rank == 0:
             try:
-                _finish_checkpoint(staging, release, out.resolve() / RELEASE_DIR, parts, plan, source, summary, dtype, layout)
+                _finish_checkpoint(staging, release, out.resolve() / RELEASE_DIR, parts, plan, source, summary, dtype, layout,
+                                   planned.source_layout)
             except ConversionError as exc:
                 error = exc
         distributed.raise_if_any_failed(error)
@@ -238,8 +245,15 @@ def convert_hf_to_mcore(
     return distributed.sum_counters(summary).finish()
 
 
+def _layout_notes(source_layout: SourceLayout) -> list[str]:
+    notes = [f"source stores {ours}* as {theirs}* (kept on export)" for ours, theirs in sorted(source_layout.prefixes.items())]
+    notes += [f"source flag {name}: the tensor it names is read (and written back on export)"
+              for name, value in sorted(source_layout.flags.items()) if value]
+    return notes
+
+
 def _finish_checkpoint(staging: Path, release: Path, final_release: Path, parts: list[LocalIndex], plan: Plan, source: HFCheckpoint,
-                       summary: Summary, dtype: str, layout: ParallelLayout) -> None:
+                       summary: Summary, dtype: str, layout: ParallelLayout, source_layout: SourceLayout) -> None:
     _check_everything_written(plan, parts)
     hashes = {f"{RELEASE_DIR}/{name}": digest for part in parts for name, digest in part.file_hashes.items()}
     hashes.update({f"{RELEASE_DIR}/{name}": digest for name, digest in write_metadata(release, parts, checkpoint_id=str(final_release)).items()})
@@ -258,6 +272,8 @@ def _finish_checkpoint(staging: Path, release: Path, final_release: Path, parts:
         "make_vocab_size_divisible_by": layout.make_vocab_size_divisible_by,
         "vocab_padding": "zeros appended to embedding and output rows; dropped on export",
         "mapping_table": {"file": plan.table.path.name, "sha256": plan.table.sha256},
+        # The source's spellings and optional tensors: export writes the names the source had.
+        "source_layout": source_layout.as_json(),
         "hf_tensors": {name: {"dtype": info.dtype, "shape": list(info.shape), "file": info.file, "offset": info.offset}
                        for name, info in sorted(source.tensors.items())},
         # Where each source file's data began: export puts every tensor back at its source offset.

@@ -17,6 +17,7 @@ from ckptconv.families import normalize_config
 from ckptconv.core.layout import ParallelLayout
 from ckptconv.pipeline.manifest import read_manifest
 from ckptconv.core.mapping import load_table
+from ckptconv.core.source_layout import SourceLayout, bind, detect_source_layout
 from ckptconv.pipeline.outdir import staged_output
 from ckptconv.core.plan import Plan, PlanItem, build_plan
 from ckptconv.pipeline.report import Summary, make_progress
@@ -49,6 +50,25 @@ def _checkpoint_root(path: Path) -> Path:
     return path
 
 
+def _source_layout(table, spec, manifest: dict | None, hf_config: str | None) -> SourceLayout:
+    """The spellings and optional tensors to write: what ckptconv.json recorded of the source; for a
+    checkpoint ckptconv did not write, those of the ``--hf-config`` model when it has weights beside
+    its config; else the table's own."""
+    if manifest and "source_layout" in manifest:
+        return SourceLayout.from_json(manifest["source_layout"], table)
+    if hf_config:
+        root = resolve_source(hf_config)
+        if any(root.glob("*.safetensors")):
+            from ckptconv.pipeline.source import open_hf_checkpoint
+
+            source = open_hf_checkpoint(str(root))
+            try:
+                return detect_source_layout(table, spec, source.tensors)
+            finally:
+                source.close()
+    return SourceLayout.from_json(None, table)
+
+
 def _find_config(ckpt: Path, hf_config: str | None) -> tuple[dict, list[Path], dict | None]:
     """(config.json contents, sidecar files to copy, ckptconv manifest or None)."""
     root = _checkpoint_root(ckpt)
@@ -75,7 +95,7 @@ def _find_config(ckpt: Path, hf_config: str | None) -> tuple[dict, list[Path], d
 def _padded_vocab_from_checkpoint(plan: Plan, reader: DistCheckpointReader) -> int:
     """Megatron pads the vocabulary by TP size at save time; the checkpoint says how much."""
     for item in plan.items:
-        if item.rule.transform == "pad_vocab":
+        if item.rule.transform in ("pad_vocab", "pad_vocab_tied"):
             return reader.shape(item.targets[0].key)[0]
     return plan.padded_vocab_size
 
@@ -157,7 +177,8 @@ def convert_mcore_to_hf(
         spec = normalize_config(config)
         if manifest and manifest.get("family") not in (None, spec.family):
             raise ConversionError(f"{ckpt}: checkpoint is family {manifest['family']!r} but the config is {spec.family!r}")
-        plan = build_plan(spec, load_table(spec.family), ParallelLayout())
+        table = load_table(spec.family)
+        plan = build_plan(spec, bind(table, _source_layout(table, spec, manifest, hf_config)), ParallelLayout())
         plan.padded_vocab_size = _padded_vocab_from_checkpoint(plan, reader)
         if plan.padded_vocab_size < spec.vocab_size:
             raise ConversionError(f"{ckpt}: checkpoint vocab {plan.padded_vocab_size} is smaller than the config's {spec.vocab_size}")
