@@ -35,6 +35,7 @@ import torch
 __all__ = [
     "make_tiny",
     "make_real_width",
+    "make_release_shaped",
     "make_hub_cache",
     "build_and_save",
     "randomize_state_dict_",
@@ -229,6 +230,74 @@ def make_real_width(
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def make_release_shaped(
+    config: dict,
+    out_dir: str | os.PathLike,
+    *,
+    spellings: dict[str, str] | None = None,
+    tied_lm_head_copy: bool = False,
+    extra_files: dict[str, str] | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    shards: int = 2,
+) -> Path:
+    """A random checkpoint laid out as a vendor released it: ``config`` is written as ``config.json``
+    exactly as given (the released file with depth, experts and widths cut), and the tensors carry the
+    released on-disk names: transformers' names for the model ``config`` describes, with
+    ``spellings`` (``{"model.vision_model.": "vision_model."}``: transformers' prefix -> the
+    release's) applied and, with ``tied_lm_head_copy``, ``lm_head.weight`` stored as a copy of the
+    tied embedding. Written in ``shards`` files with a ``model.safetensors.index.json``, as the hub has
+    them; ``extra_files`` (tokenizer, processor files) beside them.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText
+
+    from ckptconv.families import get_family, normalize_config
+
+    _quiet_transformers()
+    spec = normalize_config(config)
+    family = get_family(spec.family)
+    hf_cfg = family.hf_config(spec)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(hf_cfg)
+    layout = hf_disk_layout(model)
+
+    def released(name: str) -> str:
+        for ours, theirs in (spellings or {}).items():
+            if name.startswith(ours):
+                return theirs + name[len(ours):]
+        return name
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, ref in layout.items():
+        zero_centered = family.zero_centered_norm(name)
+        const = 1.0 if (ref.dim() == 1 and _is_norm_like(name) and not zero_centered) else None
+        if const is None and ref.dim() == 1 and (zero_centered or name.endswith("bias")):
+            const = 0.0
+        tensors[released(name)] = _random_like(name, ref, seed, dtype, const)
+    if tied_lm_head_copy:
+        if not spec.tie_word_embeddings or "lm_head.weight" in tensors:
+            raise ValueError("tied_lm_head_copy needs a tied model without its own lm_head.weight")
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+
+    out = _reset_dir(out_dir)
+    for f in out.glob("model*.safetensors*"):
+        f.unlink()
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    groups = _plan_shards(tensors, dtype, max(1, -(-total // shards)))
+    weight_map: dict[str, str] = {}
+    for i, names in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in names}, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name, text in (extra_files or {}).items():
+        (out / name).write_text(text)
     return out
 
 

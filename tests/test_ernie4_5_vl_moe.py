@@ -482,3 +482,30 @@ def test_dtype_bf16_keeps_the_routers_in_their_source_dtype(ernie_dirs, tmp_path
     router_keys = [k for k in dtypes if ".router." in k]
     assert router_keys and all(dtypes[k] == torch.float32 for k in router_keys)
     assert all(dtypes[k] == torch.bfloat16 for k in dtypes if ".router." not in k)
+
+
+@pytest.mark.parametrize("layout", ["tokenizer_config.json", "tokenizer.json", "added_tokens.json"])
+def test_special_token_ids_missing_from_config_come_from_the_tokenizer_files(ernie_dirs, tmp_path, layout):
+    """Oracle: hand value. The released flat config names only im_patch_id; verify takes the
+    start/end/video ids from whichever tokenizer file declares them, and ids in config.json win."""
+    from ckptconv.families import normalize_config as normalize
+
+    tokens = {"<|IMAGE_START|>": 101304, "<|IMAGE_END|>": 101305, "<|VIDEO_START|>": 101306,
+              "<|VIDEO_END|>": 101307, "<|VIDEO_PLACEHOLDER|>": 103367, "<|IMAGE_PLACEHOLDER|>": 100295}
+    if layout == "tokenizer_config.json":
+        body = {"added_tokens_decoder": {str(i): {"content": s} for s, i in tokens.items()}}
+    elif layout == "tokenizer.json":
+        body = {"added_tokens": [{"id": i, "content": s} for s, i in tokens.items()]}
+    else:
+        body = tokens
+    (tmp_path / layout).write_text(json.dumps(body))
+    config = _flat_config(ernie_dirs)
+    for key in ("image_start_token_id", "image_end_token_id", "video_token_id", "video_start_token_id", "video_end_token_id"):
+        config.pop(key, None)
+    config["im_patch_id"] = config.pop("image_token_id")
+    spec = normalize(config, model_dir=tmp_path)
+    assert spec.extra["tokens"] == {
+        "image_token_id": config["im_patch_id"], "image_start_token_id": 101304, "image_end_token_id": 101305,
+        "video_token_id": 103367, "video_start_token_id": 101306, "video_end_token_id": 101307,
+    }
+    assert normalize(config).extra["tokens"]["image_start_token_id"] is None  # without the files: unknown

@@ -10,7 +10,6 @@ names and layout the source had.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
@@ -88,9 +87,3 @@ def bind(table: MappingTable, layout: SourceLayout) -> MappingTable:
         return replace(table, flag_values={**table.flag_values, **layout.flags})
     rules = tuple(replace(rule, hf=tuple(_rename(n, layout.prefixes) for n in rule.hf)) for rule in table.rules)
     return replace(table, rules=rules, flag_values={**table.flag_values, **layout.flags})
-
-
-def hf_key_mapping(layout: SourceLayout) -> dict[str, str]:
-    """transformers' ``from_pretrained(key_mapping=...)`` that reads this source's spellings as the
-    ones transformers writes (regex -> replacement)."""
-    return {f"^{re.escape(theirs)}": ours for ours, theirs in sorted(layout.prefixes.items())}

@@ -78,9 +78,7 @@ def _hf_logits(hf_dir, spec, inputs, dtype, device) -> list[torch.Tensor]:
 
     config = get_family(spec.family).hf_config(spec)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            str(hf_dir), config=config, dtype=dtype, trust_remote_code=False, key_mapping=_key_mapping(hf_dir, spec) or None
-        )
+        model = AutoModelForImageTextToText.from_pretrained(str(hf_dir), config=config, dtype=dtype, trust_remote_code=False)
     except Exception as exc:
         raise ConversionError(f"{hf_dir}: transformers cannot load the reference model: {exc}") from exc
     model = model.to(device).eval()
@@ -90,20 +88,6 @@ def _hf_logits(hf_dir, spec, inputs, dtype, device) -> list[torch.Tensor]:
         out.append(logits[0].float().cpu())
     del model
     return out
-
-
-def _key_mapping(hf_dir, spec) -> dict[str, str]:
-    """Names the source spells its own way (the table's ``[[hf_prefix]]``: ERNIE's released top-level
-    ``vision_model.*``) read as transformers' classes name them."""
-    from ckptconv.core.mapping import load_table
-    from ckptconv.core.source_layout import detect_source_layout, hf_key_mapping
-    from ckptconv.pipeline.source import open_hf_checkpoint
-
-    source = open_hf_checkpoint(str(hf_dir))
-    try:
-        return hf_key_mapping(detect_source_layout(load_table(spec.family), spec, source.tensors))
-    finally:
-        source.close()
 
 
 def _compare(inputs, reference, test, comparison, tol) -> list[InputResult]:

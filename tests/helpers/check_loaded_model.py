@@ -1,7 +1,10 @@
 """Run under torchrun (or alone): build the family's real megatron-core model at TP = world size,
 load CKPT with `dist_checkpointing.load` (strict), and check every parameter shard equals the HF
 source (HF_DIR) put through the mapping table. Prints one line per rank and exits non-zero on a
-mismatch."""
+mismatch.
+
+Arguments: ``CKPT HF_DIR TP [EP]``, or several ``CKPT HF_DIR TP EP`` groups checked one after the
+other in the same processes (one torchrun start for many checkpoints)."""
 
 import sys
 
@@ -28,10 +31,15 @@ def main(ckpt: str, hf_dir: str, tp: int, ep: int) -> None:
             bad.append(leaf.key)
         checked += 1
     rank = torch.distributed.get_rank()
-    print(f"rank {rank}: {checked} shards checked, {len(bad)} differ {bad[:3]}", flush=True)
+    print(f"rank {rank}: {ckpt} tp={tp} ep={ep}: {checked} shards checked, {len(bad)} differ {bad[:3]}", flush=True)
     if bad or not checked:
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+    args = sys.argv[1:]
+    if len(args) <= 4:
+        main(args[0], args[1], int(args[2]), int(args[3]) if len(args) > 3 else 1)
+    else:
+        for i in range(0, len(args), 4):
+            main(args[i], args[i + 1], int(args[i + 2]), int(args[i + 3]))
