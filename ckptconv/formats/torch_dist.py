@@ -363,6 +363,13 @@ def _record_type(module: str, name: str) -> type:
     return _RECORD_TYPES[(module, name)]
 
 
+def _path_string(*parts) -> str:
+    """Stands in for ``pathlib.PosixPath(*parts)``: the joined string parts, nothing else."""
+    if not all(isinstance(part, str) for part in parts):
+        raise TypeError("PosixPath with non-string parts")
+    return "/".join(parts)
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Reads a DCP ``.metadata`` pickle into inert stand-ins: the DCP class names map to
     :class:`_Record` types, torch's Size / dtype / layout to plain values; anything else is
@@ -382,11 +389,22 @@ class _MetadataUnpickler(pickle.Unpickler):
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
         ("builtins", "slice"): slice,
+        # megatron-core 0.12 stores the path it saved to (storage_meta.checkpoint_id) as a PosixPath.
+        ("pathlib", "PosixPath"): _path_string,
     }
     _TORCH_CONSTANTS = {"strided", "sparse_coo", "contiguous_format", "channels_last", "preserve_format"}
+    # What older megatron-core versions add to the pickle (measured on checkpoints their own
+    # dist_checkpointing.save wrote: tests/data/old_mcore, scripts/make_old_mcore_checkpoints.py):
+    # 0.12-0.15 keep every rank's plan (``all_local_plans``, a list of ``MCoreSavePlan``), 0.15 pickles
+    # the Metadata itself as its subclass ``MCoreMetadata``; megatron-core 0.16 keeps empty classes of
+    # both names so it can still read them (strategies/torch.py). Exactly these, as inert records.
+    _MCORE_RECORDS = {
+        ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan"),
+        ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"),
+    }
 
     def find_class(self, module, name):
-        if module.startswith(self._DCP_MODULES):
+        if module.startswith(self._DCP_MODULES) or (module, name) in self._MCORE_RECORDS:
             return _record_type(module, name)
         if (module, name) in self._PLAIN:
             return self._PLAIN[(module, name)]

@@ -103,28 +103,39 @@ def _short(keys, n: int = 5) -> str:
 
 
 def load_megatron_checkpoint(model: torch.nn.Module, ckpt: str | Path) -> torch.nn.Module:
-    """Strict load: every key the model asks for must be in the checkpoint and vice versa."""
+    """Strict load: every key the model asks for must be in the checkpoint, and every checkpoint key
+    under the model's prefixes (``language_model``, ``visual``, ...) must be one the model asks for.
+    Keys outside them -- a training run's ``optimizer.*`` state and ``rng_state`` -- are not the
+    model's and are left alone."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     ckpt_dir = resolve_checkpoint_dir(ckpt)
     # megatron-core unpickles .metadata with plain pickle; vet it with our restricted unpickler first.
     checkpoint_metadata(ckpt_dir)
+    sharded_state_dict = model.sharded_state_dict()
+    model_prefixes = {leaf.key.split(".", 1)[0] for leaf in _leaves(sharded_state_dict) if hasattr(leaf, "key")}
     try:
-        state_dict, missing, unexpected = dist_checkpointing.load(
-            model.sharded_state_dict(), str(ckpt_dir), strict=StrictHandling.RETURN_ALL
+        state_dict, in_checkpoint_only, not_in_checkpoint = dist_checkpointing.load(
+            sharded_state_dict, str(ckpt_dir), strict=StrictHandling.RETURN_ALL
         )
     except ConversionError:
         raise
     except Exception as exc:  # shape mismatches etc. surface as CheckpointingException / RuntimeError
         raise ConversionError(f"{ckpt_dir}: cannot load into the {type(model).__name__} model: {exc}") from exc
-    if missing or unexpected:
+    # megatron-core's own names for these sets (dist_checkpointing/validation.py) are "missing"
+    # (in the checkpoint, not asked for) and "unexpected" (asked for, not in the checkpoint).
+    unused = {key for key in in_checkpoint_only if key.split(".", 1)[0] in model_prefixes}
+    if unused or not_in_checkpoint:
         parts = []
-        if missing:
-            parts.append(f"missing from checkpoint: {_short(missing)}")
-        if unexpected:
-            parts.append(f"not used by the model: {_short(unexpected)}")
+        if not_in_checkpoint:
+            parts.append(f"missing from checkpoint: {_short(not_in_checkpoint)}")
+        if unused:
+            parts.append(f"not used by the model: {_short(unused)}")
         raise ConversionError(f"{ckpt_dir}: checkpoint keys do not match the model; " + "; ".join(parts))
+    # The checkpoint's common part (common.pt: a training run's args, iteration, ...) comes back
+    # merged into the state dict; only the model's own entries go into the model.
+    state_dict = {key: value for key, value in state_dict.items() if key in sharded_state_dict}
     # The model's non-checkpointed entries (e.g. output_layer._extra_state, which GPTModel leaves out
     # of its sharded state dict) keep their values; everything else must have been loaded.
     result = model.load_state_dict(state_dict, strict=False)
