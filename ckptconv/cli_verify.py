@@ -69,6 +69,15 @@ def verify_command(
     max_abs: Optional[float] = typer.Option(None, "--max-abs", help="Override: largest allowed absolute logit difference."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Override: smallest allowed per-token cosine similarity."),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Override: smallest allowed top-1 agreement (0..1)."),
+    layerwise: Optional[bool] = typer.Option(
+        None, "--layerwise/--whole-model",
+        help="--layerwise: stream both models one stage (embedding, vision block, decoder layer, norm, output) at a time, "
+             "report each stage in a teacher-forced and a free-running chain and name the first stage outside tolerance. "
+             "--whole-model: load both models whole. Default: layerwise when the whole models would not fit in memory.",
+        show_default=False,
+    ),
+    stage_rel: Optional[float] = typer.Option(None, "--stage-rel", help="Override (layerwise): largest allowed per-stage max-abs difference relative to the reference's largest magnitude."),
+    stage_cosine: Optional[float] = typer.Option(None, "--stage-cosine", help="Override (layerwise): smallest allowed per-stage cosine similarity at the worst token."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and library warnings."),
 ) -> None:
@@ -78,7 +87,7 @@ def verify_command(
     if image is not None and no_image:
         _error("--image and --no-image contradict each other", 2)
     try:
-        from ckptconv.verify.report import render_table, report_json
+        from ckptconv.verify.report import render_stage_table, render_table, report_json
         from ckptconv.verify.runner import run_verify
 
         report = run_verify(
@@ -93,6 +102,8 @@ def verify_command(
             text_only=True,
             tolerances={"max_abs": max_abs, "min_cosine": min_cosine, "min_top1": min_top1},
             mode=mode.value,
+            layerwise=layerwise,
+            stage_tolerances={"max_rel": stage_rel, "min_cosine": stage_cosine},
         )
     except ConversionError as exc:
         if debug:
@@ -104,11 +115,19 @@ def verify_command(
         else:
             from rich.console import Console
 
-            Console().print(render_table(report))
+            console = Console()
+            if report.stages:
+                console.print(render_stage_table(report))
+            console.print(render_table(report))
+            console.print(f"path: {report.path_reason or report.path}")
             if not report.passed:
                 failing = [r for r in report.results if not r.passed]
                 for r in failing:
                     print(f"FAIL {r.label}: {'; '.join(r.failures)}", file=sys.stderr)
+                first = report.first_failing_stage()
+                if first is not None:
+                    print(f"FAIL first stage outside tolerance: {first.stage} ({first.chain}, {first.input}): "
+                          f"{'; '.join(first.failures)}", file=sys.stderr)
     raise typer.Exit(EXIT_PASSED if report.passed else EXIT_FAILED)
 
 

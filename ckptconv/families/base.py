@@ -7,6 +7,7 @@ A family is one package, ``ckptconv/families/<name>/``, plus one table, ``mappin
 ``transforms.py``  (only if the table names transforms the core lacks) ``TRANSFORMS``
 ``model.py``       ``build_model`` / ``hf_config``: the Megatron model verify loads, the HF config
 ``inputs.py``      ``verify_inputs``: the same text and image inputs for both models
+``stages.py``      ``layerwise_stages``: the forward pass as stages of both models (layerwise verify)
 ``fixtures.py``    ``make_tiny`` / ``real_width_config``: random checkpoints for tests and benchmarks
 ``__init__.py``    ``FAMILY``: the :class:`Family` subclass naming the family
 =================  ==========================================================================
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # only for annotations: importing them costs torch
     from ckptconv.core.spec import ModelSpec
     from ckptconv.core.transforms import Transform
     from ckptconv.verify.inputs import VerifyInput
+    from ckptconv.verify.stages import Stage
 
 
 class Family:
@@ -85,6 +87,12 @@ class Family:
         """The text-only input (when ``text_only``) and the image input (when ``image`` is a
         ``(name, PIL image)`` pair), as each model takes them."""
         return self.part("inputs").verify_inputs(spec, hf_dir, prompt=prompt, image=image, text_only=text_only)
+
+    def layerwise_stages(self, spec: "ModelSpec") -> list["Stage"]:
+        """The forward pass as stages, in data-flow order, each a module of the HF model and of the
+        Megatron model (:mod:`ckptconv.verify.stages`): what layerwise verify loads, runs and compares
+        one at a time. Together they must hold every parameter of both models."""
+        return self.part("stages").layerwise_stages(spec)
 
     # ------------------------------------------------------------------ fixtures (tests, benchmarks)
     def make_tiny(self, out_dir, *, seed: int = 0, **options) -> Path:

@@ -544,6 +544,14 @@ class DistCheckpointReader:
             raise ConversionError(f"{key}{list(axis_index)}: chunks cover {filled} of {out.numel()} elements")
         return out
 
+    def chunks(self, key: str) -> list[ChunkMeta]:
+        """Where each stored chunk of ``key`` sits in the global tensor."""
+        return list(self._tensor_md(key).chunks)
+
+    def read_chunk(self, key: str, chunk: ChunkMeta) -> Array:
+        """One stored chunk, mapped privately (no copy until a cast needs one)."""
+        return self._load_chunk(key, chunk)
+
     def _load_chunk(self, key: str, chunk: ChunkMeta) -> Array:
         try:
             data = read_tensor(*self._map_chunk((key, chunk.offsets)))

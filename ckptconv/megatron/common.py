@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import types
 
@@ -46,6 +48,22 @@ def check_model_parallel(model_name: str, spec, padded_vocab_size: int) -> None:
         )
 
 
+_initialize_weights = contextvars.ContextVar("initialize_weights", default=True)
+
+
+@contextlib.contextmanager
+def uninitialized_weights():
+    """Models built inside skip megatron's random weight initialization
+    (``perform_initialization=False``): on the CPU path it materializes a full master copy of each
+    weight to initialize it, wasted work for weights a checkpoint overwrites, and it would defeat
+    building on the meta device (layerwise verify)."""
+    token = _initialize_weights.set(False)
+    try:
+        yield
+    finally:
+        _initialize_weights.reset(token)
+
+
 def runtime_config_kwargs(dtype: torch.dtype) -> dict:
     """TransformerConfig fields that do not depend on the model: parallel sizes from
     parallel_state, CPU initialization, dtype flags, and the fused kernels switched off (they need
@@ -56,6 +74,7 @@ def runtime_config_kwargs(dtype: torch.dtype) -> dict:
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         use_cpu_initialization=True,
+        perform_initialization=_initialize_weights.get(),
         pipeline_dtype=dtype,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,

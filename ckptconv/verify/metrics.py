@@ -122,3 +122,85 @@ def compare_logits(reference: torch.Tensor, test: torch.Tensor) -> TokenMetrics:
         top5=float(overlap.mean()),
         kl=float(kl.mean()),
     )
+
+
+# --------------------------------------------------------------------------- per stage (layerwise)
+
+
+@dataclass(frozen=True)
+class StageTolerances:
+    """What one stage's output may differ by (layerwise verify)."""
+
+    max_rel: float
+    """max-abs difference over the reference's largest magnitude (scale-free from stage to stage)."""
+    min_cosine: float
+    """Cosine similarity of the two activation vectors, at the worst token."""
+    min_router_agreement: float
+    """Mean fraction of each token's top-k experts both routers chose, per expert pool."""
+
+    def overridden(self, overrides: dict | None) -> "StageTolerances":
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        unknown = set(overrides) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConversionError(f"unknown stage tolerance(s): {', '.join(sorted(unknown))}")
+        return replace(self, **{k: float(v) for k, v in overrides.items()})
+
+
+# fp32: both sides differ in summation order only (a few 1e-7 relative per stage on the fixtures,
+# ~1e-6 at 7B width). Half precision rounds each side's activations differently.
+DEFAULT_STAGE_TOLERANCES: dict[str, StageTolerances] = {
+    "float32": StageTolerances(max_rel=1e-4, min_cosine=0.99999, min_router_agreement=0.99),
+    "bfloat16": StageTolerances(max_rel=0.1, min_cosine=0.99, min_router_agreement=0.9),
+    "float16": StageTolerances(max_rel=0.05, min_cosine=0.995, min_router_agreement=0.9),
+}
+
+
+@dataclass
+class StageMetrics:
+    max_abs: float
+    rel: float
+    cosine: float
+    routers: dict[str, float]
+    """Per expert pool: router top-k agreement (only MoE stages)."""
+
+    def violations(self, tol: StageTolerances) -> list[str]:
+        out = []
+        if not math.isfinite(self.rel) or self.rel > tol.max_rel:
+            out.append(f"rel {self.rel:.3g} > {tol.max_rel:g}")
+        if not math.isfinite(self.cosine) or self.cosine < tol.min_cosine:
+            out.append(f"cosine {self.cosine:.8g} < {tol.min_cosine:.8g}")
+        for pool, agreement in self.routers.items():
+            if not agreement >= tol.min_router_agreement:
+                out.append(f"{pool} router top-k {agreement:.4f} < {tol.min_router_agreement:g}")
+        return out
+
+
+@torch.no_grad()
+def compare_activations(reference: torch.Tensor, test: torch.Tensor) -> tuple[float, float, float]:
+    """(max-abs, relative max-abs, worst-token cosine) of two activations of the same shape, in
+    float64; rows are tokens (the last axis is the feature axis)."""
+    if reference.shape != test.shape:
+        raise ConversionError(f"activation shapes differ: reference {tuple(reference.shape)}, converted {tuple(test.shape)}")
+    width = reference.shape[-1] if reference.dim() else 1
+    a, b = reference.double().reshape(-1, width), test.double().reshape(-1, width)
+    if a.numel() == 0:
+        return 0.0, 0.0, 1.0
+    max_abs = float((a - b).abs().max())
+    scale = float(a.abs().max())
+    rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-30)
+    both_zero = (a == 0).all(-1) & (b == 0).all(-1)  # rows zero on both sides agree
+    cosine = torch.where(both_zero, torch.ones_like(cosine), cosine)
+    if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return math.inf, math.inf, -math.inf
+    return max_abs, rel, float(cosine.min())
+
+
+def router_agreement(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Mean over tokens of |experts chosen by both| / |chosen by the reference| (``[N, E]`` bool)."""
+    if reference.shape != test.shape:
+        raise ConversionError(f"router choices cover {tuple(reference.shape)} vs {tuple(test.shape)} (tokens, experts)")
+    if reference.shape[0] == 0:
+        return 1.0
+    both = (reference & test).sum(-1).double()
+    return float((both / reference.sum(-1).clamp(min=1).double()).mean())

@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from ckptconv.verify.metrics import Tolerances, TokenMetrics
+from ckptconv.verify.metrics import StageTolerances, Tolerances, TokenMetrics
 
 # --------------------------------------------------------------------------- report
 
@@ -32,6 +32,27 @@ class InputResult:
 
 
 @dataclass
+class StageResult:
+    """One stage of layerwise verify, on one input, in one chain."""
+
+    index: int
+    """Position in the family's stage order (data flow): what "first" stage means."""
+    stage: str
+    input: str
+    chain: str
+    """``teacher-forced`` (Megatron's stage fed HF's input for it) or ``free-running``."""
+    max_abs: float
+    rel: float
+    cosine: float
+    routers: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
 class VerifyReport:
     hf_src: str
     mcore_ckpt: str
@@ -43,10 +64,31 @@ class VerifyReport:
     tolerances: Tolerances
     results: list[InputResult]
     timings: dict[str, float] = field(default_factory=dict)
+    path: str = "whole-model"
+    """``whole-model`` or ``layerwise``."""
+    path_reason: str = ""
+    """Why that path (``--layerwise``, or the memory estimate that chose it)."""
+    stage_tolerances: StageTolerances | None = None
+    stages: list[StageResult] = field(default_factory=list)
+    largest_stage_bytes: int = 0
 
     @property
     def passed(self) -> bool:
-        return bool(self.results) and all(r.passed for r in self.results)
+        return bool(self.results) and all(r.passed for r in self.results) and all(s.passed for s in self.stages)
+
+    def first_failing_stage(self, chain: str | None = None) -> StageResult | None:
+        """The earliest stage (data-flow order) outside tolerance: teacher-forced first (the stage
+        wrong on its own), else free-running (drift that no single stage explains)."""
+        for wanted in ((chain,) if chain else ("teacher-forced", "free-running")):
+            failing = [s for s in self.stages if s.chain == wanted and not s.passed]
+            if failing:
+                return min(failing, key=lambda s: s.index)
+        return None
+
+    @property
+    def first_failure(self) -> str | None:
+        first = self.first_failing_stage()
+        return f"{first.stage} ({first.chain}, {first.input})" if first else None
 
     @property
     def worst_input(self) -> str | None:
@@ -78,6 +120,12 @@ class VerifyReport:
                 for r in self.results
             ],
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "path": self.path,
+            "path_reason": self.path_reason,
+            "first_failing_stage": self.first_failure,
+            "stage_tolerances": asdict(self.stage_tolerances) if self.stage_tolerances else None,
+            "largest_stage_bytes": self.largest_stage_bytes,
+            "stages": [_finite(asdict(st)) for st in self.stages],
         }
 
     @classmethod
@@ -96,7 +144,21 @@ class VerifyReport:
             hf_src=d["hf_src"], mcore_ckpt=d["mcore_ckpt"], family=d["family"], tp=d["tp"], device=d["device"],
             dtype=d["dtype"], mode=d["mode"], tolerances=Tolerances(**d["tolerances"]), results=results,
             timings=dict(d["timings_s"]),
+            path=d.get("path", "whole-model"),
+            path_reason=d.get("path_reason", ""),
+            stage_tolerances=StageTolerances(**d["stage_tolerances"]) if d.get("stage_tolerances") else None,
+            stages=[StageResult(**{k: _unfinite(v) for k, v in st.items()}) for st in d.get("stages", [])],
+            largest_stage_bytes=int(d.get("largest_stage_bytes", 0)),
         )
+
+
+def _finite(row: dict) -> dict:
+    """JSON has no inf/nan: write them as strings."""
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def _unfinite(value):
+    return float(value) if value in ("inf", "-inf", "nan") else value
 
 
 def render_table(report: VerifyReport):
@@ -142,6 +204,58 @@ def render_table(report: VerifyReport):
                 cell("kl", m.kl, ".2g"),
                 end_section=i == len(r.groups) - 1,
             )
+    return table
+
+
+def render_stage_table(report: VerifyReport):
+    """Layerwise: one row per stage, both chains side by side, for each input; failures in red."""
+    from rich import box
+    from rich.table import Table
+
+    tol = report.stage_tolerances
+    first = report.first_failure
+    verdict = f"first stage outside tolerance: [bold red]{first}[/]" if first else "[bold green]every stage within tolerance[/]"
+    table = Table(
+        title=f"stages ({report.path_reason or report.path}): {verdict}",
+        caption=(
+            f"stage tolerances: rel max-abs <= {tol.max_rel:g}, cosine >= {tol.min_cosine:g}, "
+            f"router top-k >= {tol.min_router_agreement:g}; largest stage {report.largest_stage_bytes / 2**30:.2f} GiB"
+        ) if tol else None,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+    )
+    table.add_column("stage", no_wrap=True)
+    for col in ("TF rel", "TF cosine", "FR rel", "FR cosine"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("router top-k TF/FR", overflow="fold")
+    rows: dict[tuple[str, int], dict[str, StageResult]] = {}
+    for st in report.stages:
+        rows.setdefault((st.input, st.index), {})[st.chain] = st
+    previous = None
+    for (input_name, _), chains in rows.items():
+        if input_name != previous:  # one heading row per input
+            if previous is not None:
+                table.add_section()
+            table.add_row(f"[bold]{input_name}[/]")
+            previous = input_name
+        tf, fr = chains.get("teacher-forced"), chains.get("free-running")
+        cells = [(tf or fr).stage]
+        for st in (tf, fr):
+            if st is None:
+                cells += ["-", "-"]
+                continue
+            bad = {f.split(" ")[0] for f in st.failures}
+            cells.append(f"[red]{st.rel:.1e}[/]" if "rel" in bad else f"{st.rel:.1e}")
+            cells.append(f"[red]{st.cosine:.6f}[/]" if "cosine" in bad else f"{st.cosine:.6f}")
+        routers = []
+        for pool in (tf or fr).routers:
+            figures = "/".join(f"{st.routers[pool]:.2f}" for st in (tf, fr) if st is not None and pool in st.routers)
+            failed = any(st is not None and any(f.startswith(f"{pool} ") for f in st.failures) for st in (tf, fr))
+            routers.append(f"[red]{pool} {figures}[/]" if failed else f"{pool} {figures}")
+        cells.append(" ".join(routers) or "-")
+        table.add_row(*cells)
     return table
 
 

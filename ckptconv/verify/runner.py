@@ -31,7 +31,14 @@ import torch
 
 from ckptconv.errors import ConversionError
 from ckptconv.verify.inputs import build_inputs
-from ckptconv.verify.metrics import DEFAULT_TOLERANCES, DTYPES, Tolerances, compare_logits
+from ckptconv.verify.metrics import (
+    DEFAULT_STAGE_TOLERANCES,
+    DEFAULT_TOLERANCES,
+    DTYPES,
+    StageTolerances,
+    Tolerances,
+    compare_logits,
+)
 from ckptconv.verify.report import InputResult, VerifyReport
 
 
@@ -138,8 +145,14 @@ def run_verify(
     text_only: bool = True,
     tolerances: Tolerances | dict | None = None,
     mode: str = "direct",
+    layerwise: bool | None = None,
+    stage_tolerances: StageTolerances | dict | None = None,
 ) -> VerifyReport:
-    """Compare HF ``hf_src`` with the Megatron checkpoint ``mcore_ckpt``; see the module docstring."""
+    """Compare HF ``hf_src`` with the Megatron checkpoint ``mcore_ckpt``; see the module docstring.
+
+    ``layerwise``: True streams both models stage by stage (:mod:`ckptconv.verify.layerwise`),
+    False loads them whole, None (default) streams when the whole models would not fit in memory.
+    """
     from ckptconv.megatron import runtime
     from ckptconv.families import normalize_config
     from ckptconv.megatron.load import checkpoint_spec
@@ -166,6 +179,18 @@ def run_verify(
         spec, hf_src, prompt=prompt, image=image, synthetic_image_=synthetic_image, text_only=text_only
     )
     timings["setup"] = time.perf_counter() - t0
+
+    use_layerwise, reason = _choose_path(layerwise, mcore_ckpt, torch_dtype)
+    if use_layerwise:
+        if mode != "direct":
+            raise ConversionError(
+                f"--mode {mode} compares two whole HF models, which the layerwise path does not load ({reason}); "
+                "use --mode direct, or --whole-model where the models fit"
+            )
+        stage_base = DEFAULT_STAGE_TOLERANCES[dtype_name]
+        stage_tol = stage_tolerances if isinstance(stage_tolerances, StageTolerances) else stage_base.overridden(stage_tolerances)
+        return _run_layerwise(spec, hf_src, mcore_ckpt, inputs, torch_dtype, dev, tol, stage_tol, reason, timings,
+                              tp=tp, dtype_name=dtype_name)
 
     t0 = time.perf_counter()
     megatron_logits, family = _megatron_logits(mcore_ckpt, hf_src, inputs, torch_dtype, dev)
@@ -194,12 +219,66 @@ def run_verify(
                 report = VerifyReport(
                     hf_src=str(hf_src), mcore_ckpt=str(mcore_ckpt), family=family, tp=tp, device=str(dev),
                     dtype=dtype_name, mode=mode, tolerances=tol, results=results, timings=timings,
+                    path="whole-model", path_reason=reason,
                 )
                 outcome = report.as_dict()
             except ConversionError as exc:
                 outcome = {"error": str(exc)}
         # Every rank returns rank 0's verdict (or raises its error), so all exit with the same status.
         outcome = _broadcast(outcome)
+    if "error" in outcome:
+        raise ConversionError(outcome["error"])
+    return VerifyReport.from_dict(outcome)
+
+
+def _choose_path(layerwise: bool | None, mcore_ckpt: Path, dtype) -> tuple[bool, str]:
+    """(use layerwise?, why): as asked, else layerwise when the whole models would not fit. Rank 0
+    decides for all ranks (their free memory differs a little)."""
+    from ckptconv.formats.torch_dist import resolve_checkpoint_dir
+    from ckptconv.megatron import runtime
+    from ckptconv.verify.layerwise import available_bytes, whole_model_bytes
+
+    if layerwise is not None:
+        return layerwise, "layerwise (--layerwise)" if layerwise else "whole-model (--whole-model)"
+    decision = None
+    if runtime.is_rank0():
+        needed, free = whole_model_bytes(resolve_checkpoint_dir(mcore_ckpt), dtype), available_bytes()
+        fits = needed <= 0.8 * free
+        gib = 2**30
+        decision = (
+            not fits,
+            f"{'whole-model' if fits else 'layerwise'} (auto: the whole models need about {needed / gib:.1f} GiB, "
+            f"{free / gib:.1f} GiB available)",
+        )
+    return tuple(_broadcast(decision))
+
+
+def _run_layerwise(spec, hf_src, mcore_ckpt, inputs, dtype, dev, tol, stage_tol, reason, timings, *, tp, dtype_name):
+    from ckptconv.families import get_family
+    from ckptconv.formats.torch_dist import resolve_checkpoint_dir
+    from ckptconv.megatron import runtime
+    from ckptconv.verify.layerwise import run_layerwise
+
+    t0 = time.perf_counter()
+    outcome = None
+    try:
+        streamed = run_layerwise(get_family(spec.family), spec, hf_src, resolve_checkpoint_dir(mcore_ckpt), inputs,
+                                 dtype, dev, stage_tol)
+        timings["layerwise"] = time.perf_counter() - t0
+        if runtime.is_rank0():
+            results = _compare(inputs, streamed.hf_logits, streamed.mcore_logits, "megatron", tol)
+            report = VerifyReport(
+                hf_src=str(hf_src), mcore_ckpt=str(mcore_ckpt), family=spec.family, tp=tp, device=str(dev),
+                dtype=dtype_name, mode="direct", tolerances=tol, results=results, timings=timings,
+                path="layerwise", path_reason=reason, stage_tolerances=stage_tol, stages=streamed.stages,
+                largest_stage_bytes=streamed.largest_stage_bytes,
+            )
+            outcome = report.as_dict()
+    except ConversionError as exc:
+        if runtime.world_size() == 1:
+            raise
+        outcome = {"error": str(exc)}
+    outcome = _broadcast(outcome)
     if "error" in outcome:
         raise ConversionError(outcome["error"])
     return VerifyReport.from_dict(outcome)
