@@ -175,16 +175,18 @@ def test_a_perturbed_vision_pool_expert_is_caught_at_its_layer_and_only_with_an_
 
 
 def test_a_nudged_step3p7_gate_row_is_caught_at_its_layer(step):
-    """Step3.7 layer 1 (sliding attention): the first per-head output-gate row (g_proj, stored in
-    linear_qkv after query group 0's q rows) + 0.5 (hand-placed): decoder.layer.1 is the first stage
-    outside tolerance in both chains."""
+    """Step3.7 layer 1 (sliding attention): head 0's output-gate row (HF g_proj row 0, stored in
+    linear_qkv after query group 0's q rows and repeated head_dim times, megatron-core's
+    attention_output_gate layout) + 0.5 (hand-placed): decoder.layer.1 is the first stage outside
+    tolerance in both chains."""
     from ckptconv.megatron.load import checkpoint_spec
 
     hf, ckpt = step
     attention = checkpoint_spec(ckpt).attention(1)
-    gate_row = attention.num_attention_heads // attention.num_query_groups * attention.head_dim
+    d = attention.head_dim
+    gate = attention.num_attention_heads // attention.num_query_groups * d  # group 0: q rows, then the gate rows
     bad = corrupted(ckpt, "gate", "language_model.decoder.layers.1.self_attention.linear_qkv.weight",
-                    lambda t: t[gate_row].add_(0.5))
+                    lambda t: t[gate: gate + d].add_(0.5))
     report = verify(hf, bad)
     assert report.first_failing_stage().stage == "decoder.layer.1"
     assert report.first_failing_stage("free-running").stage == "decoder.layer.1"

@@ -273,13 +273,13 @@ class HFStageLoader:
         self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         self.keys_of: dict[int, list[tuple[str, str]]] = {}
         self.buffer_keys: dict[str, list[tuple[str, str]]] = {}
-        self.files: dict[str, object] = {}
         paths = sorted(Path(hf_dir).glob("*.safetensors"))
         if not paths:
             raise ConversionError(f"{hf_dir}: no *.safetensors files")
         for path in paths:
-            handle = self.files[str(path)] = safe_open(str(path), "pt")
-            for key in handle.keys():
+            with safe_open(str(path), "pt") as handle:
+                keys = list(handle.keys())
+            for key in keys:
                 target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
                 targets = [target]
                 if pattern is not None:  # one tensor, several parameters (q/k/v; text/vision bias rows)
@@ -297,23 +297,29 @@ class HFStageLoader:
         from transformers.modeling_utils import LoadStateDictConfig
         from transformers.utils import logging as hf_logging
 
+        from safetensors import safe_open
+
         pids = self.slots.of(modules)
-        state = {}
+        wanted: dict[str, str] = {}  # on-disk key -> file
         for pid in pids:
             if pid not in self.keys_of:
                 raise ConversionError(f"layerwise verify: no safetensors tensor holds HF parameter {self.slots.names[pid][0]}")
-            for path, key in self.keys_of[pid]:
-                state[key] = self.files[path].get_slice(key)
+            wanted.update({key: path for path, key in self.keys_of[pid]})
         for module in modules:
             prefix = self.module_names[id(module)]
             for name, _ in module.named_buffers():
-                for path, key in self.buffer_keys.get(f"{prefix}.{name}" if prefix else name, ()):
-                    state[key] = self.files[path].get_slice(key)
+                wanted.update({key: path for path, key in self.buffer_keys.get(f"{prefix}.{name}" if prefix else name, ())})
         # A converter also makes the sibling parameters of what it reads; other stages' go back.
-        siblings = {p for p, keys in self.keys_of.items() if p not in pids and any(k in state for _, k in keys)}
+        siblings = {p for p, keys in self.keys_of.items() if p not in pids and any(k in wanted for _, k in keys)}
         config = LoadStateDictConfig(weight_mapping=self.mapping, dtype=self.dtype, device_map={"": str(self.device)})
         hf_logging.disable_progress_bar()
-        convert_and_load_state_dict_in_model(self.model, state, config)
+        # Files are opened for this stage only: safe_open maps the whole file, and the pages read
+        # through a mapping stay resident (and count as this process's memory) until it is closed.
+        with contextlib.ExitStack() as files:
+            handles = {path: files.enter_context(safe_open(path, "pt")) for path in sorted(set(wanted.values()))}
+            state = {key: handles[path].get_slice(key) for key, path in wanted.items()}
+            convert_and_load_state_dict_in_model(self.model, state, config)
+            del state
         for pid in pids:  # tied parameters: transformers set one place; attach it to all
             loaded = [m._parameters[n] for m, n in self.slots.owners[pid] if m._parameters[n].device.type != "meta"]
             if not loaded:
@@ -377,6 +383,8 @@ class StageHooks:
         self.rerunning = False
         self.loaded: dict[str, list[int]] = {}
         for stage in stages:
+            if stage.hf_module is None:
+                continue  # not run by the compared forward
             path, extra = (stage.hf_module, stage.hf_extra) if side == "hf" else (stage.mcore_module, stage.mcore_extra)
             module = get_module(model, path)
             weights = [module, *(get_module(model, p) for p in extra)]
@@ -483,12 +491,16 @@ class LayerwiseOutcome:
     stages: list
     """:class:`ckptconv.verify.report.StageResult` rows (rank 0 only)."""
     largest_stage_bytes: int = 0
+    uncompared: tuple[str, ...] = ()
+    """Stages with no HF counterpart (keys checked, values not compared)."""
 
 
 def check_stage_coverage(stages: list[Stage], model: nn.Module, slots: ParameterSlots, side: str) -> None:
     """Every parameter belongs to some stage (else it would be used while still on meta)."""
     covered: set[int] = set()
     for stage in stages:
+        if stage.hf_module is None and side == "hf":
+            continue
         paths = (stage.hf_module, *stage.hf_extra) if side == "hf" else (stage.mcore_module, *stage.mcore_extra)
         covered.update(slots.of([get_module(model, p) for p in paths]))
     left = [slots.names[pid][0] for pid in slots.meta if pid not in covered]
@@ -552,7 +564,8 @@ def run_layerwise(family, spec, hf_src: Path, ckpt_dir: Path, inputs, dtype, dev
                 rows += stage_rows(stages, inp.name, reference, hooks.record, stage_tol)
     finally:
         reader.close()
-    return LayerwiseOutcome(hf_logits if rank0 else None, mcore_logits, rows, largest)
+    uncompared = tuple(s.name for s in stages if s.hf_module is None)
+    return LayerwiseOutcome(hf_logits if rank0 else None, mcore_logits, rows, largest, uncompared)
 
 
 @contextlib.contextmanager

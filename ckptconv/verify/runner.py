@@ -270,7 +270,9 @@ def _run_layerwise(spec, hf_src, mcore_ckpt, inputs, dtype, dev, tol, stage_tol,
             report = VerifyReport(
                 hf_src=str(hf_src), mcore_ckpt=str(mcore_ckpt), family=spec.family, tp=tp, device=str(dev),
                 dtype=dtype_name, mode="direct", tolerances=tol, results=results, timings=timings,
-                path="layerwise", path_reason=reason, stage_tolerances=stage_tol, stages=streamed.stages,
+                path="layerwise", stage_tolerances=stage_tol, stages=streamed.stages,
+                path_reason=reason + (f"; not compared (no HF counterpart): {', '.join(streamed.uncompared)}"
+                                      if streamed.uncompared else ""),
                 largest_stage_bytes=streamed.largest_stage_bytes,
             )
             outcome = report.as_dict()

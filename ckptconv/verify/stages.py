@@ -35,8 +35,11 @@ class RouterProbe:
 class Stage:
     name: str
     """``embedding``, ``vision.block.3``, ``vision.merger``, ``decoder.layer.5``, ``final_norm``, ``output``..."""
-    hf_module: str
-    """Dotted path in the HF model: hooked, and its parameters are the stage's HF weights."""
+    hf_module: str | None
+    """Dotted path in the HF model: hooked, and its parameters are the stage's HF weights. None for a
+    Megatron part with no HF counterpart that the compared forward never runs (Step3.7's MTP layers:
+    transformers drops them); its keys are still checked against the checkpoint, its values are not
+    compared, and the report lists it."""
     mcore_module: str
     """Dotted path in the family's Megatron model: hooked, its parameters are the stage's checkpoint slice."""
     layout: str = SEQ_FIRST

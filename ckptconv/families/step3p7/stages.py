@@ -29,4 +29,8 @@ def layerwise_stages(spec) -> list[Stage]:
     ]
     stages.append(Stage("final_norm", "model.language_model.norm", "language_model.decoder.final_layernorm"))
     stages.append(output_stage(spec))
+    if spec.mtp_num_layers:
+        # transformers drops the MTP layers on load, and next-token logits never run them: their
+        # keys are checked against the checkpoint, their values have no reference to meet.
+        stages.append(Stage("mtp", None, "language_model.mtp"))
     return stages
