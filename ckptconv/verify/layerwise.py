@@ -240,14 +240,99 @@ def read_box(reader, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
         hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
         if any(a >= b for a, b in zip(lo, hi)):
             continue
-        stored = reader.read_chunk(key, chunk).to_torch()
-        part = stored[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, chunk.offsets))]
-        out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))] = part.to(dtype)
+        stored = reader.read_chunk(key, chunk)
+        part = stored.to_torch()[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, chunk.offsets))]
+        _copy_dropping_pages(out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))], part, stored.backing)
         filled += part.numel()
         del stored, part
     if filled != out.numel():
         raise ConversionError(f"{key}{list(offsets)}: the checkpoint's chunks cover {filled} of {out.numel()} elements")
     return out
+
+
+COPY_BLOCK_BYTES = 64 << 20
+"""Bytes of source converted at a time: a stage's weights never sit in memory twice (source dtype +
+compute dtype), only the block in flight does."""
+
+
+def _copy_dropping_pages(out: torch.Tensor, source: torch.Tensor, backing) -> None:
+    """``out[...] = source`` (casting) block by block along the first axis. ``source`` is a view of
+    a private file mapping: the pages read are dropped after each block (``MADV_DONTNEED``; a
+    private, never-written mapping re-reads them from the file if touched again), so a 1 GiB chunk
+    does not stay resident next to its converted copy."""
+    import mmap
+
+    if source.dim() == 0 or backing is None or not hasattr(mmap, "MADV_DONTNEED"):
+        out.copy_(source)
+        return
+    row_bytes = max(1, source[0].numel() * source.element_size())
+    step = max(1, COPY_BLOCK_BYTES // row_bytes)
+    for start in range(0, source.shape[0], step):
+        block = source[start: start + step]
+        out[start: start + step] = block
+        first = block.data_ptr() - backing.address
+        last = (block[-1].data_ptr() - backing.address) + row_bytes
+        first -= first % mmap.PAGESIZE
+        last = min(last - last % mmap.PAGESIZE, backing.length)
+        if last > first:
+            backing.region.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+class SafetensorsFile:
+    """One safetensors file read tensor by tensor with ``pread`` (no whole-file mapping, whose pages
+    would stay resident): the 8-byte header length, the JSON header, then each tensor's byte range,
+    converted to the wanted dtype one block at a time."""
+
+    DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: str):
+        import json
+        import os
+        import struct
+
+        self.path = path
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        self.data_start = 8 + length
+        self.entries = header
+        self.size = os.path.getsize(path)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        import os
+
+        entry = self.entries[key]
+        stored = self.DTYPES.get(entry["dtype"])
+        if stored is None:
+            raise ConversionError(f"{self.path}: {key} has dtype {entry['dtype']}, which verify cannot read")
+        begin, end = (self.data_start + o for o in entry["data_offsets"])
+        shape = tuple(entry["shape"])
+        if end > self.size:
+            raise ConversionError(f"{self.path}: truncated ({key} needs bytes up to {end}, the file has {self.size})")
+        out = torch.empty(shape, dtype=dtype or stored)
+        flat = out.view(-1)
+        itemsize = torch.empty((), dtype=stored).element_size()
+        step = max(1, COPY_BLOCK_BYTES // itemsize)
+        if flat.numel() == 0:
+            return out
+        buffer = bytearray(min(step, flat.numel()) * itemsize)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for first in range(0, flat.numel(), step):
+                n = min(step, flat.numel() - first)
+                view = memoryview(buffer)[: n * itemsize]
+                if os.preadv(fd, [view], begin + first * itemsize) != len(view):
+                    raise ConversionError(f"{self.path}: short read of {key}")
+                flat[first: first + n] = torch.frombuffer(buffer, dtype=stored, count=n)
+        finally:
+            os.close(fd)
+        return out
 
 
 class HFStageLoader:
@@ -257,7 +342,6 @@ class HFStageLoader:
     q/k/v splits and permutations) exactly as ``from_pretrained`` does."""
 
     def __init__(self, model: nn.Module, hf_dir: Path, dtype, device):
-        from safetensors import safe_open
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, rename_source_key
 
@@ -276,12 +360,17 @@ class HFStageLoader:
         paths = sorted(Path(hf_dir).glob("*.safetensors"))
         if not paths:
             raise ConversionError(f"{hf_dir}: no *.safetensors files")
+        self.files: dict[str, SafetensorsFile] = {}
+        self.cast_to: dict[str, torch.dtype] = {}
+        """On-disk key -> the dtype transformers would give it (a renamed parameter keeps its model
+        dtype, e.g. fp32 routers; converter inputs are read as stored and cast by transformers)."""
         for path in paths:
-            with safe_open(str(path), "pt") as handle:
-                keys = list(handle.keys())
-            for key in keys:
+            handle = self.files[str(path)] = SafetensorsFile(str(path))
+            for key in handle.keys():
                 target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
                 targets = [target]
+                if pattern is None and target in meta_state:
+                    self.cast_to[key] = meta_state[target].dtype
                 if pattern is not None:  # one tensor, several parameters (q/k/v; text/vision bias rows)
                     converter = by_pattern[pattern]
                     targets = [target.replace(converter.target_patterns[0], t) for t in converter.target_patterns]
@@ -297,8 +386,6 @@ class HFStageLoader:
         from transformers.modeling_utils import LoadStateDictConfig
         from transformers.utils import logging as hf_logging
 
-        from safetensors import safe_open
-
         pids = self.slots.of(modules)
         wanted: dict[str, str] = {}  # on-disk key -> file
         for pid in pids:
@@ -313,13 +400,9 @@ class HFStageLoader:
         siblings = {p for p, keys in self.keys_of.items() if p not in pids and any(k in wanted for _, k in keys)}
         config = LoadStateDictConfig(weight_mapping=self.mapping, dtype=self.dtype, device_map={"": str(self.device)})
         hf_logging.disable_progress_bar()
-        # Files are opened for this stage only: safe_open maps the whole file, and the pages read
-        # through a mapping stay resident (and count as this process's memory) until it is closed.
-        with contextlib.ExitStack() as files:
-            handles = {path: files.enter_context(safe_open(path, "pt")) for path in sorted(set(wanted.values()))}
-            state = {key: handles[path].get_slice(key) for key, path in wanted.items()}
-            convert_and_load_state_dict_in_model(self.model, state, config)
-            del state
+        state = {key: self.files[path].read(key, self.cast_to.get(key)) for key, path in wanted.items()}
+        convert_and_load_state_dict_in_model(self.model, state, config)
+        del state
         for pid in pids:  # tied parameters: transformers set one place; attach it to all
             loaded = [m._parameters[n] for m, n in self.slots.owners[pid] if m._parameters[n].device.type != "meta"]
             if not loaded:
@@ -453,7 +536,16 @@ class StageHooks:
             raise ConversionError(
                 f"{stage.name}: HF's input {tuple(reference[index].shape)} does not map onto Megatron's {tuple(x.shape)}"
             )
-        args, kwargs = _replace_activation(args, kwargs, forced.to(dtype=x.dtype, device=x.device).contiguous())
+        forced = forced.to(dtype=x.dtype, device=x.device).contiguous()
+        if torch.equal(forced, x):
+            # Megatron's own input is HF's, bit for bit (vision stages of a tower both sides run as
+            # the same module): the re-run would compute the same output (and router choices).
+            self.record.teacher.setdefault(stage.name, []).append(calls[-1])
+            for (name, pool), choices in self.record.routers.items():
+                if name == stage.name:
+                    self.record.teacher_routers.setdefault((name, pool), []).append(choices[-1])
+            return
+        args, kwargs = _replace_activation(args, kwargs, forced)
         self.rerunning = True
         try:
             out = module(*args, **kwargs)
