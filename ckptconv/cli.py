@@ -92,6 +92,11 @@ def hf_to_mcore(
     vocab_multiple: int = typer.Option(128, "--make-vocab-size-divisible-by", help="Megatron pads the vocabulary to a multiple of this times --tp (zeros, dropped on export)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only after the new checkpoint is complete)."),
     io_threads: int = typer.Option(4, "--io-threads", min=1, help="Writer threads per process (per torchrun rank), each appending to its own __<rank>_<n>.distcp file; copies run in parallel."),
+    language_model_only: bool = typer.Option(
+        False, "--language-model-only",
+        help="Write only the language model, keyed as a plain megatron-core GPTModel (no language_model. prefix: "
+             "what Megatron-LM's pretrain_gpt loads); the vision parts are left out. mcore-to-hf --hf-config SRC puts it "
+             "back into the full HF model."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (every HF key -> Megatron key and transform) and write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or the dry-run plan) as JSON instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
@@ -106,7 +111,8 @@ def hf_to_mcore(
         from ckptconv.core.layout import ParallelLayout
 
         if dry_run:
-            planned = prepare(src, ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, make_vocab_size_divisible_by=vocab_multiple))
+            planned = prepare(src, ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, make_vocab_size_divisible_by=vocab_multiple),
+                              language_model_only)
             rows = describe_plan(planned.plan)
             if as_json:
                 print(json.dumps({"family": planned.plan.spec.family, "items": rows}, indent=2))
@@ -123,6 +129,7 @@ def hf_to_mcore(
         summary = convert_hf_to_mcore(
             src, out, tp=tp, pp=pp, ep=ep, etp=etp, dtype=dtype.value, force=force, io_threads=io_threads,
             make_vocab_size_divisible_by=vocab_multiple, progress=not as_json and sys.stderr.isatty(),
+            language_model_only=language_model_only,
         )
         _print_summary(summary, as_json)
 
@@ -136,7 +143,7 @@ def hf_to_mcore(
 def mcore_to_hf(
     ckpt: Path = typer.Argument(..., help="Megatron-Core torch_dist checkpoint: a Megatron-LM directory (tracker file + release/ or iter_NNNNNNN/) or a bare torch_dist directory."),
     out: Path = typer.Argument(..., help="Output HF directory (safetensors + index + config + tokenizer). Must not exist unless --force."),
-    hf_config: Optional[str] = typer.Option(None, "--hf-config", help="HF model (dir or repo id) whose config/tokenizer to use when the checkpoint has none (trained in Megatron)."),
+    hf_config: Optional[str] = typer.Option(None, "--hf-config", help="HF model (dir or repo id) whose config/tokenizer to use when the checkpoint has none (trained in Megatron); for a language-model-only checkpoint also the source of the vision weights."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB. Default: the source's own shard files and tensor order when ckptconv.json records them (every tensor back at its source offset), else 5GB."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only after the export is complete)."),
     io_threads: int = typer.Option(4, "--io-threads", min=1, help="Writer threads per process; each writes whole tensors at their offsets in the shards, in parallel."),

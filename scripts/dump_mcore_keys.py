@@ -27,9 +27,9 @@ TINY_BUILDERS = {
 
 def _config(family: str, config: str, tmp: Path) -> dict:
     if config == "tiny":
-        from ckptconv import fixtures
+        from ckptconv.families import get_family
 
-        config = str(getattr(fixtures, TINY_BUILDERS[family])(tmp / "hf"))
+        config = str(get_family(family).make_tiny(tmp / "hf"))
     path = Path(config)
     return json.loads((path / "config.json" if path.is_dir() else path).read_text())
 

@@ -41,7 +41,7 @@ def test_megatron_lm_directory_layout_with_a_self_describing_manifest(converted,
     summary, out = converted[2]
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
     data_files = {f"__0_{lane}.distcp" for lane in range(4)}  # one per writer thread (--io-threads 4)
-    assert {p.name for p in (out / "release").iterdir()} == {".metadata", "common.pt", "metadata.json", *data_files}
+    assert {p.name for p in (out / "release").iterdir()} == {".metadata", "common.pt", "metadata.json", "run_config.yaml", *data_files}
     assert json.loads((out / "release" / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
     for sidecar in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         assert (out / sidecar).read_bytes() == (tiny_qwen / sidecar).read_bytes()

@@ -8,6 +8,7 @@ It also yields the exact key sets both sides must have, which is the coverage pr
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -200,3 +201,29 @@ def _check_unique(plan: Plan) -> None:
             if slot in seen_mcore:
                 raise ConversionError(f"mapping table {plan.table.path.name}: Megatron tensor {target.name} is produced twice")
             seen_mcore[slot] = item.label
+
+
+LANGUAGE_MODEL_PREFIX = "language_model."
+
+
+def language_model_only(plan: Plan) -> tuple[Plan, list[PlanItem]]:
+    """The plan for the bare language model (``--language-model-only``): the items whose every
+    target lies under ``language_model.``, with that prefix removed -- the keys of a plain
+    megatron-core GPTModel, what Megatron-LM's ``pretrain_gpt`` builds. Returns the new plan and the
+    items left out (the vision tower and projector, taken from the HF source on export)."""
+    kept, dropped = [], []
+    for item in plan.items:
+        inside = [t.key.startswith(LANGUAGE_MODEL_PREFIX) for t in item.targets]
+        if all(inside):
+            targets = tuple(
+                dataclasses.replace(t, key=t.key[len(LANGUAGE_MODEL_PREFIX):], name=t.name[len(LANGUAGE_MODEL_PREFIX):])
+                for t in item.targets
+            )
+            kept.append(dataclasses.replace(item, targets=targets))
+        elif any(inside):
+            raise ConversionError(f"{item.label}: one table row writes inside and outside the language model")
+        else:
+            dropped.append(item)
+    if not kept:
+        raise ConversionError(f"the {plan.spec.family} table has no language_model.* rows")
+    return dataclasses.replace(plan, items=kept), dropped

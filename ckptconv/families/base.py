@@ -5,6 +5,7 @@ A family is one package, ``ckptconv/families/<name>/``, plus one table, ``mappin
 =================  ==========================================================================
 ``config.py``      ``normalize(config) -> ModelSpec``: nested or flat ``config.json`` -> the spec
 ``transforms.py``  (only if the table names transforms the core lacks) ``TRANSFORMS``
+``training.py``    ``training``: Megatron-LM ``args`` / Megatron-Bridge ``run_config.yaml`` fields (no torch)
 ``model.py``       ``build_model`` / ``hf_config``: the Megatron model verify loads, the HF config
 ``inputs.py``      ``verify_inputs``: the same text and image inputs for both models
 ``stages.py``      ``layerwise_stages``: the forward pass as stages of both models (layerwise verify)
@@ -13,7 +14,7 @@ A family is one package, ``ckptconv/families/<name>/``, plus one table, ``mappin
 =================  ==========================================================================
 
 The registry (``ckptconv/families/__init__.py``) lists the ``FAMILY`` objects explicitly. Conversion
-imports only ``config.py`` and ``transforms.py`` (no torch); the other parts are imported when verify,
+imports only ``config.py``, ``transforms.py`` and ``training.py`` (no torch); the other parts are imported when verify,
 the tests or the benchmarks call them.
 """
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # only for annotations: importing them costs torch
 
     from ckptconv.core.spec import ModelSpec
     from ckptconv.core.transforms import Transform
+    from ckptconv.pipeline.training import FamilyTraining
     from ckptconv.verify.inputs import VerifyInput
     from ckptconv.verify.stages import Stage
 
@@ -71,6 +73,11 @@ class Family:
     def transforms(self) -> dict[str, "Transform"]:
         """Transforms of the family's own that its table names (the core vocabulary is implied)."""
         return self.part("transforms").TRANSFORMS if self.has_transforms else {}
+
+    def training(self, spec: "ModelSpec") -> "FamilyTraining":
+        """What Megatron-LM's ``args`` and Megatron-Bridge's ``run_config.yaml`` add for this family
+        (``training.py``; see :mod:`ckptconv.pipeline.training`). No torch."""
+        return self.part("training").training(spec)
 
     # ------------------------------------------------------------------ verify (torch, megatron-core)
     def build_model(self, spec: "ModelSpec", *, padded_vocab_size: int, dtype: "torch.dtype") -> "torch.nn.Module":

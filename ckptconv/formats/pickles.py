@@ -70,6 +70,8 @@ class _Emitter:
             out.append(b"N")
         elif value is True or value is False:
             out.append(b"\x88" if value else b"\x89")
+        elif isinstance(value, float):
+            out.append(b"G" + struct.pack(">d", value))  # BINFLOAT, as the stdlib writes it
         elif isinstance(value, int):
             if 0 <= value <= 0xFF:
                 out.append(b"K" + bytes([value]))

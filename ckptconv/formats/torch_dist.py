@@ -8,7 +8,8 @@ The format is PyTorch Distributed Checkpoint (DCP) plus two megatron files:
 - ``.metadata``: a pickled ``torch.distributed.checkpoint.metadata.Metadata`` with every key's
   global shape, dtype and chunk list, and where each chunk's bytes live;
 - ``metadata.json`` (``{"sharded_backend": "torch_dist", ...}``) and ``common.pt`` (the
-  non-sharded part of the state dict; empty for a model).
+  non-sharded part of the state dict: Megatron-LM's ``args``, ``iteration``, ``checkpoint_version``;
+  see :mod:`ckptconv.pipeline.training`).
 
 ``dist_checkpointing.save`` needs the whole state dict in memory at once. Writing the format
 ourselves lets us stream: a chunk is serialized, written and freed before the next is read. The
@@ -189,11 +190,15 @@ class DistCheckpointWriter:
             lane.file.abort()
 
 
-def write_metadata(directory: Path, parts: list[LocalIndex], checkpoint_id: str | None = None) -> dict[str, str]:
+def write_metadata(directory: Path, parts: list[LocalIndex], checkpoint_id: str | None = None,
+                   common_state: dict | None = None) -> dict[str, str]:
     """Merge every rank's index into ``.metadata``; write ``metadata.json`` and ``common.pt``.
     ``checkpoint_id``: the directory the checkpoint will be read from (``StorageMeta.checkpoint_id``,
-    which torch's writer sets to its path; default ``directory``). Returns the checksum of each
-    metadata file written."""
+    which torch's writer sets to its path; default ``directory``). ``common_state``: the non-sharded
+    part of the state dict (what ``load_common_state_dict`` returns): Megatron-LM's ``args`` /
+    ``iteration`` / ``checkpoint_version``, built of plain values and
+    :class:`~ckptconv.formats.pickles.Obj` records (see :mod:`ckptconv.pipeline.training`).
+    Returns the checksum of each metadata file written."""
     entries: dict[str, TensorMeta | BytesMeta] = {}
     storage: dict[StorageKey, StorageInfo] = {}
     for part in parts:
@@ -216,7 +221,7 @@ def write_metadata(directory: Path, parts: list[LocalIndex], checkpoint_id: str 
             metadata, checkpoint_id=str(checkpoint_id if checkpoint_id is not None else directory),
             save_id=save_id_for({name: digest for part in parts for name, digest in part.file_hashes.items()})),
         "metadata.json": json.dumps(MEGATRON_METADATA).encode(),
-        "common.pt": object_bytes({}),
+        "common.pt": object_bytes(common_state if common_state is not None else {}),
     }
     for name, payload in payloads.items():
         (directory / name).write_bytes(payload)

@@ -117,3 +117,59 @@ def hf_rope_index(hf_model_class, hf_config, input_ids: torch.Tensor, **kwargs) 
     host.get_vision_position_ids = functools.partial(hf_model_class.get_vision_position_ids, host)
     positions, _ = hf_model_class.get_rope_index(host, input_ids, **kwargs)
     return positions
+
+
+# Module names under which megatron-core's Transformer Engine spec builds a ``TENorm`` (a bare
+# ``te.pytorch.RMSNorm`` / ``LayerNorm``): the final norm of a block, the MoE layers' pre-MLP norm,
+# the q/k norms and the MTP norms (megatron-core 0.16.1 ``models/gpt/gpt_layer_specs.py:171-300``,
+# ``extensions/transformer_engine_spec_provider.py:48-55``, ``extensions/transformer_engine.py:433-467``).
+# A layer's input norm and a dense layer's pre-MLP norm are fused into TE linears instead.
+TE_NORM_NAMES = ("final_layernorm", "input_layernorm", "pre_mlp_layernorm", "q_layernorm", "k_layernorm", "enorm", "hnorm")
+
+
+class _TransformerEngineNormState:
+    """The ``_extra_state`` a Transformer Engine norm carries.
+
+    Since TE 1.13 ``te.pytorch.RMSNorm`` / ``LayerNorm`` are fusible ops
+    (``transformer_engine/pytorch/module/rmsnorm.py:16``) whose base ``BasicOperation`` defines
+    ``get_extra_state`` (``ops/op.py:528`` in TE 2.12; an empty uint8 tensor without FP8) and
+    ``set_extra_state`` (``ops/op.py:604``; None or empty is a no-op). Defining the same pair makes
+    ``state_dict`` emit ``<norm>._extra_state`` and megatron-core turn it into a ShardedObject
+    (``transformer/utils.py`` ``make_sharded_tensors_for_checkpoint``), so this model asks for exactly
+    the keys a TE-spec model asks for. FP8 scaling state a TE run may have saved is not used here.
+    """
+
+    def get_extra_state(self):
+        return torch.empty(0, dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        return None
+
+
+_TE_NORM_CLASSES: dict[type, type] = {}
+
+
+def with_te_norm_extra_state(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every norm the Transformer Engine spec would build as a ``TENorm`` its ``_extra_state``.
+
+    Norms stored under a fused linear's name (the layer's ``sharded_state_dict_keys_map`` renames
+    them: local spec ``input_layernorm`` -> ``linear_qkv.layer_norm_*``) are left alone, as are
+    modules outside megatron-core's (HF vision towers). Returns ``model``.
+    """
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.module import MegatronModule
+
+    for parent in list(model.modules()):
+        if not isinstance(parent, MegatronModule):
+            continue
+        remapped = getattr(getattr(parent, "submodules_config", None), "sharded_state_dict_keys_map", None) or {}
+        for name, child in list(parent.named_children()):
+            if name not in TE_NORM_NAMES or isinstance(child, (IdentityOp, _TransformerEngineNormState)):
+                continue
+            if f"{name}." in remapped or not any(True for _ in child.parameters(recurse=False)):
+                continue
+            cls = type(child)
+            if cls not in _TE_NORM_CLASSES:
+                _TE_NORM_CLASSES[cls] = type(f"TE{cls.__name__}", (_TransformerEngineNormState, cls), {})
+            child.__class__ = _TE_NORM_CLASSES[cls]
+    return model

@@ -125,6 +125,10 @@ def load_megatron_checkpoint(model: torch.nn.Module, ckpt: str | Path) -> torch.
         raise ConversionError(f"{ckpt_dir}: cannot load into the {type(model).__name__} model: {exc}") from exc
     # megatron-core's own names for these sets (dist_checkpointing/validation.py) are "missing"
     # (in the checkpoint, not asked for) and "unexpected" (asked for, not in the checkpoint).
+    # `_extra_state` objects may be absent: a checkpoint saved with the local spec (or by ckptconv
+    # before it wrote them) has none for the norms the Transformer Engine spec keeps; without FP8
+    # they hold nothing, and the model keeps its own.
+    not_in_checkpoint = sorted(k for k in not_in_checkpoint if not k.endswith("._extra_state"))
     unused = {key for key in in_checkpoint_only if key.split(".", 1)[0] in model_prefixes}
     if unused or not_in_checkpoint:
         parts = []

@@ -15,15 +15,17 @@ from ckptconv.formats.array import BF16, F16, F32, Array
 from ckptconv.errors import ConversionError
 from ckptconv.families import normalize_config
 from ckptconv.core.layout import ParallelLayout, tp_chunks
-from ckptconv.formats.checksum import CHECKSUM, checksum_file
+from ckptconv.formats.checksum import CHECKSUM, checksum_bytes, checksum_file
 from ckptconv.pipeline.manifest import RELEASE_DIR, TRACKER_NAME, versions, write_manifest
 from ckptconv.core.mapping import load_table
 from ckptconv.core.source_layout import SourceLayout, bind, detect_source_layout
 from ckptconv.pipeline.outdir import staged_output
-from ckptconv.core.plan import Plan, PlanItem, build_plan
+from ckptconv.core.plan import Plan, PlanItem, build_plan, language_model_only as language_model_plan
 from ckptconv.pipeline.report import Summary, make_progress
 from ckptconv.pipeline.source import HFCheckpoint, open_hf_checkpoint
 from ckptconv.formats.torch_dist import EXTRA_STATE_BYTES_OBJECT, DistCheckpointWriter, LocalIndex, write_metadata
+from ckptconv.families import get_family
+from ckptconv.pipeline.training import DEFAULT_LAYOUT, RUN_CONFIG_NAME, TrainingMetadata
 from ckptconv.core.transforms import RowBlocks, TransformContext
 
 DTYPES = {"auto": None, "bf16": BF16, "fp16": F16, "fp32": F32}
@@ -34,9 +36,11 @@ class PlannedConversion:
     source: HFCheckpoint
     plan: Plan
     source_layout: SourceLayout
+    skipped: tuple[str, ...] = ()
+    """HF tensors deliberately not converted (the vision parts under ``--language-model-only``)."""
 
 
-def prepare(src: str, layout: ParallelLayout) -> PlannedConversion:
+def prepare(src: str, layout: ParallelLayout, language_model_only: bool = False) -> PlannedConversion:
     """Everything that can fail before a byte is written: source, config, plan, coverage, shapes."""
     source = open_hf_checkpoint(src)
     spec = normalize_config(source.config, where=str(source.root / "config.json"))
@@ -44,16 +48,20 @@ def prepare(src: str, layout: ParallelLayout) -> PlannedConversion:
     # The source's own spellings and optional tensors (the table's [[hf_prefix]] / [[source_flag]]).
     source_layout = detect_source_layout(table, spec, source.tensors)
     plan = build_plan(spec, bind(table, source_layout), layout)
-    check_coverage(plan, source)
+    skipped: tuple[str, ...] = ()
+    if language_model_only:
+        plan, dropped = language_model_plan(plan)
+        skipped = tuple(name for item in dropped for name in item.hf_names)
+    check_coverage(plan, source, skipped)
     check_shapes(plan, source)
-    return PlannedConversion(source, plan, source_layout)
+    return PlannedConversion(source, plan, source_layout, skipped)
 
 
-def check_coverage(plan: Plan, source: HFCheckpoint) -> None:
-    """Every HF tensor is consumed exactly once: none missing, none left over."""
+def check_coverage(plan: Plan, source: HFCheckpoint, skipped: tuple[str, ...] = ()) -> None:
+    """Every HF tensor is consumed exactly once (or deliberately skipped): none missing, none left over."""
     planned = plan.hf_names()
     missing = sorted(set(planned) - set(source.tensors))
-    leftover = sorted(set(source.tensors) - set(planned))
+    leftover = sorted(set(source.tensors) - set(planned) - set(skipped))
     if missing:
         raise ConversionError(
             f"{source.root}: {len(missing)} tensor(s) the {plan.spec.family} table needs are missing: {_names(missing)}"
@@ -194,6 +202,7 @@ def convert_hf_to_mcore(
     make_vocab_size_divisible_by: int = 128,
     progress: bool = False,
     io_threads: int = 4,
+    language_model_only: bool = False,
 ) -> Summary:
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -201,12 +210,15 @@ def convert_hf_to_mcore(
     rank, world_size = distributed.rank_and_world()
     layout = ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     summary = Summary(command="hf-to-mcore", source=str(src), output=str(out), ranks=world_size)
-    planned = distributed.first_error_everywhere(lambda: prepare(src, layout))
+    planned = distributed.first_error_everywhere(lambda: prepare(src, layout, language_model_only))
     source, plan = planned.source, planned.plan
     summary.notes.extend(_layout_notes(planned.source_layout))
     summary.family = plan.spec.family
     summary.layout = {"tp": tp, "pp": pp, "ep": ep, "etp": etp, "dtype": dtype, "padded_vocab_size": plan.padded_vocab_size}
     summary.notes.extend(plan.spec.filled_defaults)
+    if planned.skipped:
+        summary.notes.append(f"--language-model-only: {len(planned.skipped)} vision / projector tensor(s) not converted "
+                             "(mcore-to-hf --hf-config SRC takes them from SRC)")
     my_items = assign_items(plan, source, world_size)[rank]
     target_dtype = DTYPES[dtype]
 
@@ -237,7 +249,7 @@ def convert_hf_to_mcore(
         if rank == 0:
             try:
                 _finish_checkpoint(staging, release, out.resolve() / RELEASE_DIR, parts, plan, source, summary, dtype, layout,
-                                   planned.source_layout)
+                                   planned.source_layout, planned.skipped)
             except ConversionError as exc:
                 error = exc
         distributed.raise_if_any_failed(error)
@@ -252,11 +264,15 @@ def _layout_notes(source_layout: SourceLayout) -> list[str]:
     return notes
 
 
-def _finish_checkpoint(staging: Path, release: Path, final_release: Path, parts: list[LocalIndex], plan: Plan, source: HFCheckpoint,
-                       summary: Summary, dtype: str, layout: ParallelLayout, source_layout: SourceLayout) -> None:
+def _finish_checkpoint(staging: Path, release: Path, final_release: Path, parts: list[LocalIndex], plan: Plan,
+                       source: HFCheckpoint, summary: Summary, dtype: str, layout: ParallelLayout,
+                       source_layout: SourceLayout, skipped: tuple[str, ...] = ()) -> None:
     _check_everything_written(plan, parts)
     hashes = {f"{RELEASE_DIR}/{name}": digest for part in parts for name, digest in part.file_hashes.items()}
-    hashes.update({f"{RELEASE_DIR}/{name}": digest for name, digest in write_metadata(release, parts, checkpoint_id=str(final_release)).items()})
+    training = training_metadata(plan, source, summary.source, dtype, layout, language_model_only=bool(skipped))
+    written = write_metadata(release, parts, checkpoint_id=str(final_release), common_state=training.common_state())
+    hashes.update({f"{RELEASE_DIR}/{name}": digest for name, digest in written.items()})
+    hashes[f"{RELEASE_DIR}/{RUN_CONFIG_NAME}"] = checksum_bytes(training.write_run_config(release))
     (staging / TRACKER_NAME).write_text("release")
     for sidecar in source.sidecar_files():
         shutil.copy2(sidecar, staging / sidecar.name)
@@ -284,8 +300,35 @@ def _finish_checkpoint(staging: Path, release: Path, final_release: Path, parts:
         # Not weights, but part of what the checkpoint computes: loaders must apply them.
         "rope_scaling": plan.spec.rope_scaling,
         "mtp_num_layers": plan.spec.mtp_num_layers,
+        "language_model_only": bool(skipped),
+        "not_converted": list(skipped),
     })
     summary.bytes_written = sum(p.bytes_written for p in parts)
+
+
+def training_metadata(plan: Plan, source: HFCheckpoint, source_name: str, dtype: str, layout: ParallelLayout,
+                      model_layout: str = DEFAULT_LAYOUT, language_model_only: bool = False) -> TrainingMetadata:
+    """What Megatron-LM (``common.pt`` args) and Megatron-Bridge (``run_config.yaml``) read."""
+    return TrainingMetadata(
+        spec=plan.spec,
+        family=get_family(plan.spec.family).training(plan.spec),
+        layout=layout,
+        padded_vocab_size=plan.padded_vocab_size,
+        source=source_name,
+        dtype=dtype if dtype != "auto" else _dominant_dtype(source),
+        model_layout=model_layout,
+        language_model_only=language_model_only,
+    )
+
+
+def _dominant_dtype(source: HFCheckpoint) -> str:
+    """The floating dtype holding most of the source's bytes, as bf16 / fp16 / fp32."""
+    by_dtype: dict[str, int] = {}
+    for info in source.tensors.values():
+        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+    names = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+    ranked = sorted(((n, names[d]) for d, n in by_dtype.items() if d in names), reverse=True)
+    return ranked[0][1] if ranked else "bf16"
 
 
 def _data_starts(source: HFCheckpoint) -> dict[str, int]:

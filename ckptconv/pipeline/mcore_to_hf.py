@@ -19,11 +19,11 @@ from ckptconv.pipeline.manifest import read_manifest
 from ckptconv.core.mapping import load_table
 from ckptconv.core.source_layout import SourceLayout, bind, detect_source_layout
 from ckptconv.pipeline.outdir import staged_output
-from ckptconv.core.plan import Plan, PlanItem, build_plan
+from ckptconv.core.plan import LANGUAGE_MODEL_PREFIX, Plan, PlanItem, build_plan, language_model_only
 from ckptconv.pipeline.report import Summary, make_progress
 from ckptconv.formats.pages import WriterLanes
 from ckptconv.formats.safetensors import PlannedTensor, Shard, ShardWriter, plan_shards, shards_like_source, write_index
-from ckptconv.pipeline.source import read_config, resolve_source
+from ckptconv.pipeline.source import HFCheckpoint, open_hf_checkpoint, read_config, resolve_source
 from ckptconv.formats.torch_dist import DistCheckpointReader
 from ckptconv.core.transforms import TransformContext
 
@@ -128,6 +128,30 @@ def check_checkpoint_keys(plan: Plan, reader: DistCheckpointReader) -> list[str]
     return sorted(k for k in in_checkpoint if k.split(".", 1)[0] not in model_prefixes)
 
 
+def is_language_model_only(reader: DistCheckpointReader, manifest: dict | None) -> bool:
+    """Written by ``hf-to-mcore --language-model-only`` (the manifest says so), or a plain GPTModel
+    checkpoint (e.g. saved by Megatron-LM's pretrain_gpt): decoder keys, none under ``language_model.``."""
+    if manifest and "language_model_only" in manifest:
+        return bool(manifest["language_model_only"])
+    keys = reader.tensor_keys()
+    return not any(k.startswith(LANGUAGE_MODEL_PREFIX) for k in keys) and any(k.startswith("decoder.") for k in keys)
+
+
+def vision_tensors(dropped: list[PlanItem], hf_config: str | None, ckpt) -> tuple[HFCheckpoint, list[PlannedTensor]]:
+    """The HF tensors a language-model-only checkpoint lacks, read from ``--hf-config SRC`` unchanged."""
+    if not hf_config:
+        raise ConversionError(
+            f"{ckpt}: a language-model-only checkpoint holds no vision weights; pass --hf-config SRC "
+            "(the full HF model) to take them from"
+        )
+    source = open_hf_checkpoint(hf_config)
+    names = [name for item in dropped for name in item.hf_names]
+    missing = [name for name in names if name not in source.tensors]
+    if missing:
+        raise ConversionError(f"{source.root}: --hf-config lacks {len(missing)} vision tensor(s), e.g. {', '.join(missing[:4])}")
+    return source, [PlannedTensor(name, source.tensors[name].array_dtype, tuple(source.tensors[name].shape)) for name in names]
+
+
 def _context(plan: Plan, item: PlanItem) -> TransformContext:
     return TransformContext(
         spec=plan.spec, indices=item.indices, padded_vocab_size=plan.padded_vocab_size,
@@ -179,14 +203,19 @@ def convert_mcore_to_hf(
             raise ConversionError(f"{ckpt}: checkpoint is family {manifest['family']!r} but the config is {spec.family!r}")
         table = load_table(spec.family)
         plan = build_plan(spec, bind(table, _source_layout(table, spec, manifest, hf_config)), ParallelLayout())
+        vision, vision_planned = None, []
+        if is_language_model_only(reader, manifest):
+            plan, dropped = language_model_only(plan)
+            vision, vision_planned = vision_tensors(dropped, hf_config, ckpt)
         plan.padded_vocab_size = _padded_vocab_from_checkpoint(plan, reader)
         if plan.padded_vocab_size < spec.vocab_size:
             raise ConversionError(f"{ckpt}: checkpoint vocab {plan.padded_vocab_size} is smaller than the config's {spec.vocab_size}")
         ignored = check_checkpoint_keys(plan, reader)
-        tensors = plan_hf_tensors(plan, reader, manifest, config)
-        return reader, config, sidecars, plan, ignored, tensors, manifest or {}
+        tensors = plan_hf_tensors(plan, reader, manifest, config) + vision_planned
+        return reader, config, sidecars, plan, ignored, tensors, manifest or {}, vision
 
-    reader, config, sidecars, plan, ignored, tensors, manifest = distributed.first_error_everywhere(prepare)
+    reader, config, sidecars, plan, ignored, tensors, manifest, vision = distributed.first_error_everywhere(prepare)
+    vision_names = set() if vision is None else {name for name in vision.tensors if name not in set(plan.hf_names())}
     summary.family = plan.spec.family
     summary.layout = {"padded_vocab_size": plan.padded_vocab_size}
     if ignored:
@@ -205,7 +234,8 @@ def convert_mcore_to_hf(
         distributed.barrier()
         error = None
         try:
-            _write_shards(staging, my_shards, plan, reader, summary, progress and rank == 0, io_threads)
+            _write_shards(staging, my_shards, plan, reader, summary, progress and rank == 0, io_threads,
+                          None if vision is None else (vision, [t.name for t in tensors if t.name in vision_names]))
         except BaseException as exc:
             error = exc
         distributed.raise_if_any_failed(error)
@@ -215,6 +245,9 @@ def convert_mcore_to_hf(
                 shutil.copy2(sidecar, staging / sidecar.name)
         distributed.barrier()
     reader.close()
+    if vision is not None:
+        summary.notes.append(f"language-model-only checkpoint: vision tensors copied from {vision.root}")
+        vision.close()
     summary = distributed.sum_counters(summary)
     expected_bytes = sum(t.nbytes for t in tensors)
     if summary.bytes_written != expected_bytes:  # the coverage proof in this direction
@@ -223,10 +256,24 @@ def convert_mcore_to_hf(
 
 
 def _write_shards(staging: Path, shards: list[Shard], plan: Plan, reader: DistCheckpointReader,
-                  summary: Summary, progress: bool, io_threads: int) -> None:
+                  summary: Summary, progress: bool, io_threads: int,
+                  vision: tuple[HFCheckpoint, list[str]] | None = None) -> None:
     wanted = {t.name: shard for shard in shards for t in shard.tensors}
     writers: dict[str, ShardWriter] = {}
     lanes = WriterLanes(io_threads)
+
+    def write(name: str, tensor) -> None:
+        shard = wanted.get(name)
+        if shard is None:
+            return
+        writer = writers.get(shard.file_name)
+        if writer is None:  # one lane per shard file (see WriterLanes)
+            writer = writers[shard.file_name] = ShardWriter(staging, shard, lanes, lane=len(writers))
+        written = writer.write(name, tensor)
+        summary.tensors_written += 1
+        summary.bytes_written += written
+        bar.advance(task, written)
+
     try:
         with make_progress(progress) as bar:
             task = bar.add_task("mcore-to-hf", total=sum(s.nbytes for s in shards))
@@ -240,16 +287,12 @@ def _write_shards(staging: Path, shards: list[Shard], plan: Plan, reader: DistCh
                 outputs = (transform.inverse_rows or transform.inverse)(inputs, _context(plan, item))
                 del inputs  # outputs may be views of them: each mapping then goes with its last view
                 for name, tensor in zip(item.hf_names, outputs):
-                    shard = wanted.get(name)
-                    if shard is None:
-                        continue
-                    writer = writers.get(shard.file_name)
-                    if writer is None:  # one lane per shard file (see WriterLanes)
-                        writer = writers[shard.file_name] = ShardWriter(staging, shard, lanes, lane=len(writers))
-                    written = writer.write(name, tensor)
-                    summary.tensors_written += 1
-                    summary.bytes_written += written
-                    bar.advance(task, written)
+                    write(name, tensor)
+            # A language-model-only checkpoint: the vision tensors come unchanged from --hf-config.
+            source, names = vision if vision is not None else (None, [])
+            for name in names:
+                if name in wanted:
+                    write(name, source.read(name))
     finally:
         lanes.close()  # every queued write lands (or its error is raised) before the files close
         for writer in writers.values():

@@ -41,6 +41,7 @@ from torch import nn
 
 from ckptconv.errors import ConversionError
 from ckptconv.megatron.common import (
+    with_te_norm_extra_state,
     causal_mask,
     check_model_parallel,
     decoder_config_kwargs,
@@ -522,4 +523,5 @@ class ErnieVLMegatron(nn.Module):
 def build_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: torch.dtype = torch.float32) -> ErnieVLMegatron:
     """Build on the CPU (parallel_state must be initialized: see ``runtime.init_parallel``), in eval mode."""
     model = ErnieVLMegatron(spec, padded_vocab_size=padded_vocab_size, dtype=dtype)
-    return model.eval()
+    # The norms the Transformer Engine spec keeps as modules carry `_extra_state`: ask for those keys too.
+    return with_te_norm_extra_state(model).eval()

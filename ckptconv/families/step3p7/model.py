@@ -35,7 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptconv.errors import ConversionError
-from ckptconv.megatron.common import causal_mask, check_model_parallel, decoder_config_kwargs, runtime_config_kwargs
+from ckptconv.megatron.common import (
+    causal_mask,
+    check_model_parallel,
+    decoder_config_kwargs,
+    runtime_config_kwargs,
+    with_te_norm_extra_state,
+)
 from ckptconv.core.spec import ModelSpec
 
 LANGUAGE_PREFIX = "language_model."
@@ -617,4 +623,5 @@ class Step37Megatron(nn.Module):
 def build_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: torch.dtype = torch.float32) -> Step37Megatron:
     """Build on the CPU (parallel_state must be initialized: see ``runtime.init_parallel``), in eval mode."""
     model = Step37Megatron(spec, padded_vocab_size=padded_vocab_size, dtype=dtype)
-    return model.eval()
+    # The norms the Transformer Engine spec keeps as modules carry `_extra_state`: ask for those keys too.
+    return with_te_norm_extra_state(model).eval()
