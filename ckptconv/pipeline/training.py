@@ -112,6 +112,8 @@ class TrainingMetadata:
             })
             if spec.shared_expert_ffn_hidden_size:
                 fields["moe_shared_expert_intermediate_size"] = spec.shared_expert_ffn_hidden_size
+        if spec.mtp_num_layers:
+            fields["mtp_num_layers"] = spec.mtp_num_layers  # multi-token prediction after the decoder
         fields.update(self.family.transformer_fields)
         return fields
 
