@@ -111,6 +111,7 @@ def test_mtp_keys_and_shapes_are_those_megatron_core_builds_for_mtp_num_layers_3
 
     from ckptconv.families.step3p7.model import build_model
     from ckptconv.megatron import runtime
+    from ckptconv.megatron.common import with_te_norm_extra_state
     from ckptconv.megatron.load import sharded_manifest
 
     runtime.init_parallel(tp=1, device="cpu")
@@ -125,6 +126,9 @@ def test_mtp_keys_and_shapes_are_those_megatron_core_builds_for_mtp_num_layers_3
     layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=True)
     stock = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=padded, max_sequence_length=64,
                      mtp_block_spec=get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=False))
+    # The local spec's modules, with the `_extra_state` the Transformer Engine spec's norms carry
+    # (TENorm: enorm, hnorm, final_layernorm, q/k_layernorm; docs/training.md).
+    stock = with_te_norm_extra_state(stock)
 
     def mtp_entries(manifest, prefix=""):
         return {k[len(prefix):]: (v["kind"], tuple(v["shape"])) for k, v in manifest.items() if k.startswith(prefix + "mtp.")}
@@ -135,7 +139,7 @@ def test_mtp_keys_and_shapes_are_those_megatron_core_builds_for_mtp_num_layers_3
     heads = {f"mtp.layers.{i}.output_layer.weight" for i in range(3)}
     assert set(ours) - set(theirs) == heads
     assert {k: v for k, v in ours.items() if k not in heads} == theirs
-    assert len(theirs) == 3 * 17  # 12 tensors and 5 extra-state objects per layer
+    assert len(theirs) == 3 * 22  # 12 tensors, 5 linear and 5 TE-norm extra-state objects per layer
 
 
 # ---------------------------------------------------------------------------------------------- converted

@@ -200,7 +200,7 @@ def test_run_config_yaml_is_what_megatron_bridge_reads(converted, family):
     _validate_target(model["_target_"])
     _validate_target(run_config["tokenizer"]["_target_"])
     assert run_config["tokenizer"]["tokenizer_model"] == str(src)
-    assert run_config["ckptconv"]["layout"] == "default"
+    assert run_config["ckptconv"]["layout"] == "bridge"
 
     tc_fields = {f.name for f in dataclasses.fields(TransformerConfig) if f.init}
     allowed = tc_fields | MB_GPT_PROVIDER_FIELDS | MB_FAMILY_PROVIDER_FIELDS[family]

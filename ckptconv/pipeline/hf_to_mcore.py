@@ -316,7 +316,7 @@ def training_metadata(plan: Plan, source: HFCheckpoint, source_name: str, dtype:
         padded_vocab_size=plan.padded_vocab_size,
         source=source_name,
         dtype=dtype if dtype != "auto" else _dominant_dtype(source),
-        model_layout=model_layout,
+        model_layout=getattr(plan.table, "key_layout", None) or model_layout,
         language_model_only=language_model_only,
     )
 

@@ -33,8 +33,10 @@ from ckptconv.formats.pickles import Global, Obj
 
 CHECKPOINT_VERSION = 3.0
 RUN_CONFIG_NAME = "run_config.yaml"
-DEFAULT_LAYOUT = "default"
-"""Name of the key layout the checkpoint uses (``--layout``); recorded in ``run_config.yaml``."""
+DEFAULT_LAYOUT = "bridge"
+"""Name of the key layout the checkpoint uses (Megatron-Bridge's model names by default; another
+layout, e.g. ``mimo``, comes from the mapping table's ``key_layout``); recorded in ``run_config.yaml``.
+Only the default layout names a Megatron-Bridge provider: the family providers load Bridge's keys."""
 
 SILU = {"_target_": "torch.nn.functional.silu", "_call_": False}
 """How Megatron-Bridge writes a function in run_config.yaml (Megatron-LM
@@ -195,6 +197,8 @@ class TrainingMetadata:
 
     # -------------------------------------------------------------- Megatron-Bridge: run_config.yaml
     def provider_target(self) -> str | None:
+        if self.model_layout != DEFAULT_LAYOUT:
+            return None  # the family providers build Bridge's key layout, not this one
         if self.language_model_only:
             return self.family.language_model_provider_target
         return self.family.provider_target
