@@ -143,6 +143,23 @@ def test_features_the_megatron_model_cannot_reproduce_are_refused_by_name(raw_co
         normalize_config({**raw_config, "text_config": text})
 
 
+def test_rope_scaling_never_stops_a_conversion_and_verify_builds_only_what_it_implements(raw_config):
+    """Oracle: hand values. A YaRN-scaled config normalizes (the scaling is recorded, not refused);
+    the Megatron model implements default and llama3 RoPE and refuses to build YaRN, naming it."""
+    from ckptconv.families.step3p7.model import layer_rotary_embedding
+
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256}
+    text = {**raw_config["text_config"], "rope_parameters": {
+        "full_attention": {"rope_theta": 5e6, "partial_rotary_factor": 0.5, **yarn},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    spec = normalize_config({**raw_config, "text_config": text})
+    assert spec.rope_scaling == {**dict(sorted(yarn.items())), "layer_types": ["full_attention"]}
+    attention = spec.extra["layer_attention"]
+    assert attention[0]["rope_scaling"]["rope_type"] == "yarn" and attention[1]["rope_scaling"] is None
+    with pytest.raises(ConversionError, match="yarn"):
+        layer_rotary_embedding(16, 0.5, 5e6, attention[0]["rope_scaling"])
+
+
 # ---------------------------------------------------------------------------------------------- table
 def test_the_table_reads_every_hf_tensor_exactly_once(spec, hf_tensors):
     plan = build_plan(spec, load_table("step3p7"), ParallelLayout(tp=1))

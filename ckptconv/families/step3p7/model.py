@@ -6,12 +6,18 @@ Its ``sharded_state_dict()`` is the checkpoint key contract ``mappings/step3p7.t
   TransformerConfig (``heterogeneous_block_specs``), so keys are per layer (``decoder.layers.N.``):
 
   - attention: full or sliding window (``window_size``), per-layer head counts, q/k RMSNorm, own
-    RoPE per layer (theta, partial rotary), and Step3.7's per-head sigmoid output gate, whose
-    ``g_proj`` rows sit in ``linear_qkv`` per query group as ``[q_g, gate_g, k_g, v_g]``;
+    RoPE per layer (theta, partial rotary, llama3 scaling on the ``yarn_only_types``), and Step3.7's
+    per-head sigmoid output gate as megatron-core's ``attention_output_gate``: per query group
+    ``[q_g, gate_g, k_g, v_g]`` with each head's ``g_proj`` row repeated head_dim times (the layout
+    Megatron-Bridge's ``merge_qkvg_weights`` writes);
   - MLP: dense SwiGLU, or MoE (sigmoid router with expert bias, top-k renormalized, shared
     expert); ``swiglu_limits`` clamps become a clamped SwiGLU activation on the layers that have them;
   - every RMSNorm (q/k norms and the final norm too) computes ``x / rms(x) * (1 + w)`` with the
     stored ``w`` (megatron's ``layernorm_zero_centered_gamma`` semantics; the local norm refuses it).
+  - the multi-token-prediction layers (``num_nextn_predict_layers``) as megatron-core's
+    ``MultiTokenPredictionBlock`` (``mtp.layers.N.{enorm,hnorm,eh_proj,transformer_layer,final_layernorm}``),
+    each also holding its released output head (``output_layer``; megatron-core uses the main one).
+    Forward computes next-token logits only (the MTP block is skipped).
 
 * ``vision_model.*`` -- the vision tower under its HF *on-disk* names (``conv1``,
   ``transformer.resblocks.N.attn.in_proj_weight``, ...), replicated over TP. The forward pass runs
