@@ -199,9 +199,10 @@ class MegatronStageLoader:
             if stored[key] != shape:
                 raise ConversionError(f"{where}: {key} has global shape {list(stored[key])}, the model expects {list(shape)}")
 
-    def _box(self, leaf) -> torch.Tensor:
+    def _box(self, leaf, out: torch.Tensor | None = None) -> torch.Tensor:
         extents = (1,) * leaf.prepend_axis_num + tuple(leaf.local_shape)
-        box = read_box(self.reader, leaf.key, tuple(leaf.global_offset), extents, leaf.dtype)
+        target = None if out is None else out.view(extents)
+        box = read_box(self.reader, leaf.key, tuple(leaf.global_offset), extents, leaf.dtype, out=target)
         return box.reshape(leaf.local_shape)
 
     def load(self, modules) -> list[int]:
@@ -210,11 +211,9 @@ class MegatronStageLoader:
             meta = self.slots.meta[pid]
             real = torch.empty(meta.shape, dtype=meta.dtype)
             for leaf, row in self.pieces[pid]:
-                box = self._box(leaf)
-                if real.dim():
-                    real[row: row + box.shape[0]] = box
-                else:
-                    real.copy_(box.reshape(()))
+                # Read straight into the parameter (its rows for a piece): no second full-size buffer.
+                rows = math.prod(leaf.local_shape[:1]) if leaf.local_shape else 1
+                self._box(leaf, out=real[row: row + rows] if real.dim() else real)
             self.slots.set(pid, real.to(self.device))
         for module in modules:
             for buf in module.buffers():
@@ -226,14 +225,18 @@ class MegatronStageLoader:
         self.slots.release(pids)
 
 
-def read_box(reader, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype) -> torch.Tensor:
+def read_box(reader, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """``key[offsets : offsets + sizes]``, assembled from every stored chunk that overlaps it --
     whatever TP/PP/EP layout wrote the checkpoint. Each chunk is a private mapping of just its
     byte range (:class:`ckptconv.formats.torch_dist.DistCheckpointReader`), gone once copied."""
     shape = reader.shape(key)
     if len(offsets) != len(shape):
         raise ConversionError(f"{key}: stored with shape {list(shape)}, the model asks for a {len(offsets)}-D box")
-    out = torch.empty(sizes, dtype=dtype)
+    if out is None:
+        out = torch.empty(sizes, dtype=dtype)
+    elif tuple(out.shape) != tuple(sizes) or out.dtype != dtype:
+        raise ConversionError(f"{key}: box {list(sizes)} {dtype} does not fit the parameter's {list(out.shape)} {out.dtype}")
     filled = 0
     for chunk in reader.chunks(key):
         lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
