@@ -354,9 +354,14 @@ def test_the_loaded_checkpoint_trains_on_cpu(converted, parallel, family):
 # ------------------------------------------------------------------------------------ --language-model-only
 @pytest.fixture(scope="module")
 def qwen_language_model(converted, tmp_path_factory):
+    """Converted through the command line (the flag's plumbing is part of what is tested)."""
+    from conftest import run_cli
+
     src = converted["qwen2_5_vl"][0]
     out = tmp_path_factory.mktemp("lm") / "out"
-    convert_hf_to_mcore(str(src), out, language_model_only=True)
+    result = run_cli("hf-to-mcore", str(src), str(out), "--language-model-only", "--json")
+    assert result.returncode == 0, result.stderr
+    assert any("--language-model-only" in note for note in json.loads(result.stdout)["notes"])
     return src, out
 
 
@@ -449,3 +454,14 @@ def test_mcore_to_hf_puts_a_language_model_back_with_the_vision_weights_of_hf_co
     assert source_files == sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
     for name in source_files:
         assert (tmp_path / "hf" / name).read_bytes() == (src / name).read_bytes(), name
+
+
+def test_verify_refuses_a_language_model_only_checkpoint_with_one_clear_line(qwen_language_model):
+    """Oracle: the CLI contract (exit code 2, one line naming the cure, no traceback)."""
+    from conftest import run_cli
+
+    src, out = qwen_language_model
+    result = run_cli("verify", str(src), str(out), "--no-image")
+    assert result.returncode == 2
+    assert "language-model-only" in result.stderr and "--hf-config" in result.stderr
+    assert "Traceback" not in result.stderr

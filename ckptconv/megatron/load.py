@@ -87,9 +87,16 @@ def checkpoint_spec(ckpt: str | Path, fallback_config: str | Path | None = None)
     spec = normalize_config(json.loads(cfg_path.read_text()), where=str(cfg_path), model_dir=cfg_path.parent)
     sidecar = find_sidecar(resolve_checkpoint_dir(ckpt), "ckptconv.json")
     if sidecar is not None:
-        family = json.loads(sidecar.read_text()).get("family")
+        manifest = json.loads(sidecar.read_text())
+        family = manifest.get("family")
         if family and family != spec.family:
             raise ConversionError(f"{sidecar}: family {family!r} disagrees with config.json ({spec.family!r})")
+        if manifest.get("language_model_only"):
+            raise ConversionError(
+                f"{ckpt}: a language-model-only checkpoint (hf-to-mcore --language-model-only) has no vision weights; "
+                "the Megatron model here is the full VL model: export it with mcore-to-hf --hf-config SRC, or convert "
+                "without --language-model-only to verify"
+            )
     return spec
 
 
