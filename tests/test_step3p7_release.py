@@ -243,3 +243,59 @@ def test_rotary_tables_agree_with_transformers_beyond_original_max_position_embe
                 torch.arange(0, emb.shape[-1], 2, dtype=torch.float32) / emb.shape[-1]))
             assert not torch.equal(rotary.inv_freq, plain)
     assert checked == {"full_attention", "sliding_attention"}
+
+
+def test_an_mtp_layer_computes_what_vllm_computes_from_the_released_tensors(loaded, release_dir):
+    """Oracle: vLLM's Step3p5MTP layer (step3p5_mtp.py: ``eh_proj(cat(enorm(embed(token i+1)),
+    hnorm(h_i)))``, the MTP decoder layer, ``shared_head.norm``) re-stated with transformers' own
+    Step3p7 decoder layer and (1 + w) RMSNorm modules, loaded with MTP layer 0's released tensors;
+    12 positions, past the sliding window of 8. The Megatron side is megatron-core's
+    MultiTokenPredictionLayer of the loaded checkpoint."""
+    from safetensors import safe_open
+    from transformers import Step3p7ForConditionalGeneration
+
+    from ckptconv.megatron.common import causal_mask
+
+    model, spec = loaded
+    hf = Step3p7ForConditionalGeneration.from_pretrained(str(release_dir), dtype=torch.float32).eval()
+    text = hf.model.language_model
+    files = json.loads((release_dir / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def released(suffix):
+        name = f"model.layers.{spec.num_layers}.{suffix}"
+        with safe_open(str(release_dir / files[name]), "pt") as f:
+            return f.get_tensor(name).float()
+
+    assert text.config.layer_types[1] == spec.extra["layer_attention"][spec.num_layers]["type"] == "sliding_attention"
+    layer = type(text.layers[1])(text.config, 1).eval()  # a dense sliding layer, like the MTP layer
+    layer.load_state_dict({name: released(name) for name in layer.state_dict()}, strict=True)
+    layer.self_attn.config._attn_implementation = "eager"  # takes the additive mask below
+    norms = {}
+    for name, suffix in (("enorm", "enorm.weight"), ("hnorm", "hnorm.weight"), ("final", "transformer.shared_head.norm.weight")):
+        norms[name] = type(text.norm)(spec.hidden_size, eps=spec.norm_eps)
+        norms[name].weight.data = released(suffix)
+
+    seq = 12
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (1, seq), generator=generator)
+    hidden = torch.randn(1, seq, spec.hidden_size, generator=generator)
+    positions = torch.arange(seq)[None]
+    window = spec.extra["layer_attention"][spec.num_layers]["window_size"][0] + 1
+    q, k = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+    mask = torch.where((k <= q) & (q - k < window), 0.0, float("-inf"))[None, None]
+    with torch.no_grad():
+        def reference(embedding_first: bool):
+            parts = [norms["enorm"](text.embed_tokens(torch.roll(ids, -1, dims=1))), norms["hnorm"](hidden)]
+            x = torch.nn.functional.linear(torch.cat(parts if embedding_first else parts[::-1], -1), released("eh_proj.weight"))
+            y = layer(x, attention_mask=mask, position_embeddings=text.rotary_emb(x, positions, "sliding_attention"),
+                      position_ids=positions)
+            return norms["final"](y[0] if isinstance(y, tuple) else y)[0]
+
+        got = model.language_model.mtp.layers[0](
+            input_ids=ids, position_ids=positions, hidden_states=hidden.transpose(0, 1).contiguous(),
+            attention_mask=causal_mask(seq, None, ids.device), embedding=model.language_model.embedding)
+        got = (got[0] if isinstance(got, tuple) else got)[:, 0]
+        expected = reference(embedding_first=True)
+        # The last position has no next token (megatron-core rolls in a zero id): compared up to it.
+        assert (expected[:-1] - got[:-1]).abs().max().item() <= TOLERANCE
+        assert (reference(embedding_first=False)[:-1] - got[:-1]).abs().max().item() > 100 * TOLERANCE
