@@ -1,5 +1,5 @@
 """``python -m ckptconv`` (what ``torchrun -m ckptconv ...`` runs)."""
 
-from ckptconv.cli import main
+from ckptconv.entry import main
 
 main()

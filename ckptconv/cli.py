@@ -22,6 +22,40 @@ app = typer.Typer(
     help="Convert vision-language checkpoints between Hugging Face safetensors and Megatron-Core "
     "torch_dist, and prove the conversion is right. Families: Qwen2.5-VL, ERNIE-4.5-VL-MoE, Step3.7.",
 )
+
+
+def _versions() -> str:
+    """ckptconv's version and those of the libraries whose formats it reads and writes (from the
+    installed distributions' metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    from ckptconv import __version__
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in ("megatron-core", "torch", "transformers", "safetensors"))
+    return f"ckptconv {__version__} ({libraries})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(_versions())
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print ckptconv's version (and megatron-core's, torch's, transformers', safetensors') and exit."),
+) -> None:
+    """Convert vision-language checkpoints between Hugging Face safetensors and Megatron-Core
+    torch_dist, and prove the conversion is right."""
+
+
 class _LazyConsole:
     """A rich Console made on first use: runs that print JSON never import rich."""
 
@@ -125,6 +159,13 @@ def hf_to_mcore(
                 for row in rows:
                     table.add_row("\n".join(row["hf"]), "\n".join(row["mcore"]), row["transform"], row["shard"])
                 stdout.print(table)
+            # The plan is what the run would do; say so when the run itself would be refused.
+            from ckptconv.pipeline.outdir import check_output
+
+            try:
+                check_output(out, force)
+            except ConversionError as exc:
+                raise ConversionError(f"the real run would be refused: {exc}") from None
             return
         summary = convert_hf_to_mcore(
             src, out, tp=tp, pp=pp, ep=ep, etp=etp, dtype=dtype.value, force=force, io_threads=io_threads,
@@ -205,7 +246,10 @@ _register_verify()
 
 
 def main() -> None:
-    app()
+    """The console script's entry point is :func:`ckptconv.entry.main` (Ctrl-C handling first)."""
+    from ckptconv.entry import main as entry_main
+
+    entry_main()
 
 
 if __name__ == "__main__":

@@ -138,6 +138,9 @@ def _error(message: str, code: int) -> None:
 
 
 def main() -> None:
+    from ckptconv import interrupt
+
+    interrupt.install()
     typer.run(verify_command)
 
 

@@ -22,7 +22,7 @@ from ckptconv.core.source_layout import SourceLayout, bind, detect_source_layout
 from ckptconv.pipeline.outdir import staged_output
 from ckptconv.core.plan import Plan, PlanItem, build_plan, language_model_only as language_model_plan
 from ckptconv.pipeline.report import Summary, make_progress
-from ckptconv.pipeline.source import HFCheckpoint, open_hf_checkpoint
+from ckptconv.pipeline.source import HFCheckpoint, missing_tokenizer_note, open_hf_checkpoint
 from ckptconv.formats.torch_dist import EXTRA_STATE_BYTES_OBJECT, DistCheckpointWriter, LocalIndex, write_metadata
 from ckptconv.families import get_family
 from ckptconv.pipeline.training import DEFAULT_LAYOUT, RUN_CONFIG_NAME, TrainingMetadata
@@ -219,6 +219,9 @@ def convert_hf_to_mcore(
     if planned.skipped:
         summary.notes.append(f"--language-model-only: {len(planned.skipped)} vision / projector tensor(s) not converted "
                              "(mcore-to-hf --hf-config SRC takes them from SRC)")
+    tokenizer_note = missing_tokenizer_note([p.name for p in source.sidecar_files()], "the source")
+    if tokenizer_note:
+        summary.notes.append(tokenizer_note)
     my_items = assign_items(plan, source, world_size)[rank]
     target_dtype = DTYPES[dtype]
 

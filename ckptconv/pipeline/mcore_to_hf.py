@@ -23,7 +23,7 @@ from ckptconv.core.plan import LANGUAGE_MODEL_PREFIX, Plan, PlanItem, build_plan
 from ckptconv.pipeline.report import Summary, make_progress
 from ckptconv.formats.pages import WriterLanes
 from ckptconv.formats.safetensors import PlannedTensor, Shard, ShardWriter, plan_shards, shards_like_source, write_index
-from ckptconv.pipeline.source import HFCheckpoint, open_hf_checkpoint, read_config, resolve_source
+from ckptconv.pipeline.source import HFCheckpoint, missing_tokenizer_note, open_hf_checkpoint, read_config, resolve_source
 from ckptconv.formats.torch_dist import DistCheckpointReader
 from ckptconv.core.transforms import TransformContext
 
@@ -220,6 +220,9 @@ def convert_mcore_to_hf(
     summary.layout = {"padded_vocab_size": plan.padded_vocab_size}
     if ignored:
         summary.notes.append(f"ignored {len(ignored)} non-model checkpoint tensor(s), e.g. {ignored[0]}")
+    tokenizer_note = missing_tokenizer_note([p.name for p in sidecars], "the config source" if hf_config else "the checkpoint")
+    if tokenizer_note:
+        summary.notes.append(tokenizer_note + (" (pass --hf-config with the HF model)" if not hf_config else ""))
     shards = None if max_shard_size else shards_like_source(
         tensors, manifest.get("hf_tensors", {}), {name: f["data_start"] for name, f in manifest.get("hf_files", {}).items()},
     )

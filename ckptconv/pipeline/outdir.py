@@ -14,6 +14,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from ckptconv import interrupt
 from ckptconv.errors import ConversionError
 
 STAGING_SUFFIX = ".ckptconv-partial"
@@ -44,7 +45,8 @@ def staged_output(out: Path, force: bool, *, is_writer: bool = True):
             shutil.rmtree(staging)  # left by a killed earlier run
         staging.mkdir(parents=True)
     try:
-        yield staging
+        with interrupt.removed_if_interrupted(staging):
+            yield staging
     except BaseException:
         if is_writer:
             shutil.rmtree(staging, ignore_errors=True)
@@ -53,14 +55,23 @@ def staged_output(out: Path, force: bool, *, is_writer: bool = True):
         publish(staging, out, force)
 
 
+def _remove(path: Path) -> None:
+    """Remove whatever ``path`` is: a directory tree, or a file or symlink (``--force`` may replace
+    a plain file named OUT; a symlink is removed, never what it points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def publish(staging: Path, out: Path, force: bool) -> None:
-    if out.exists():
+    if out.exists() or out.is_symlink():
         if not force:
             raise ConversionError(f"{out}: appeared while converting; refusing to overwrite without --force")
         trash = out.parent / f".{out.name}.ckptconv-old"
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove(trash)
         os.rename(out, trash)
         os.rename(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove(trash)
     else:
         os.rename(staging, out)

@@ -31,6 +31,19 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _SIDECAR = re.compile(r".*\.(json|txt|model|jinja|tiktoken|py)$|^tokenizer.*")
 
 
+# Files that hold a tokenizer's vocabulary (tokenizer_config.json alone does not).
+_TOKENIZER_VOCAB = re.compile(r"^tokenizer\.(json|model)$|^(vocab\.(json|txt)|merges\.txt|spiece\.model)$|.*\.tiktoken$")
+
+
+def missing_tokenizer_note(file_names, where: str) -> str | None:
+    """A summary note when none of ``file_names`` holds a tokenizer: the output then carries none,
+    which a user should hear about rather than find out when training or serving."""
+    if any(_TOKENIZER_VOCAB.match(name) for name in file_names):
+        return None
+    return (f"{where} has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, *.tiktoken): "
+            "the output carries none; take them from the original model")
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str

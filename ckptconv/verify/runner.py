@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ckptconv import interrupt
 from ckptconv.errors import ConversionError
 from ckptconv.verify.inputs import build_inputs
 from ckptconv.verify.metrics import (
@@ -196,7 +197,7 @@ def run_verify(
     megatron_logits, family = _megatron_logits(mcore_ckpt, hf_src, inputs, torch_dtype, dev)
     timings["megatron"] = time.perf_counter() - t0
 
-    with tempfile.TemporaryDirectory(prefix="ckptconv-roundtrip-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ckptconv-roundtrip-") as tmp, interrupt.removed_if_interrupted(tmp):
         if mode == "roundtrip":
             # The exporter is collective under torchrun (ranks share the shards): every rank calls it,
             # into rank 0's directory.
