@@ -39,20 +39,21 @@ def staged_output(out: Path, force: bool, *, is_writer: bool = True):
     ranks other than 0 under torchrun: they write into the directory but do not create/rename it."""
     out = Path(out).absolute()
     staging = staging_path(out)
-    if is_writer:
-        check_output(out, force)
-        if staging.exists():
-            shutil.rmtree(staging)  # left by a killed earlier run
-        staging.mkdir(parents=True)
-    try:
-        with interrupt.removed_if_interrupted(staging):
-            yield staging
-    except BaseException:
+    # Registered before it exists: a Ctrl-C right after mkdir must find it (ckptconv.interrupt).
+    with interrupt.removed_if_interrupted(staging):
         if is_writer:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if is_writer:
-        publish(staging, out, force)
+            check_output(out, force)
+            if staging.exists():
+                shutil.rmtree(staging)  # left by a killed earlier run
+            staging.mkdir(parents=True)
+        try:
+            yield staging
+        except BaseException:
+            if is_writer:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if is_writer:
+            publish(staging, out, force)
 
 
 def _remove(path: Path) -> None:
