@@ -255,3 +255,58 @@ def test_verify_passes_on_the_release_shape(release_dirs, converted, name):
     report = run_verify(release_dirs[name], converted[name])
     assert report.passed, report.as_dict()
     assert {r.name for r in report.results} >= {"text-only"} and len(report.results) == 2
+
+
+# =========================================================================== the command line, and training checkpoints
+
+
+def test_the_cli_converts_the_thinking_release_with_no_flag_and_refuses_a_differing_lm_head_in_one_line(release_dirs, tmp_path):
+    """Oracle: hand value (exit codes and the message). `ckptconv hf-to-mcore SRC OUT`, nothing else;
+    a tied lm_head.weight that differs from the embedding: exit 2, one line, no output directory."""
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from ckptconv.cli import app
+
+    name = "ERNIE-4.5-VL-28B-A3B-Thinking"
+    result = CliRunner().invoke(app, ["hf-to-mcore", str(release_dirs[name]), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "vision_model" in result.output  # the summary says the source's spelling is kept
+
+    src = make_release_shaped(cut_config(name), tmp_path / "bad_head", spellings=SHAPES[name]["spellings"],
+                              tied_lm_head_copy=True, shards=1)
+    (shard,) = src.glob("*.safetensors")
+    tensors = load_file(str(shard))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 2
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    result = CliRunner().invoke(app, ["hf-to-mcore", str(src), str(tmp_path / "refused")])
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "differs from the embedding" in lines[0], result.output
+    assert not (tmp_path / "refused").exists()
+
+
+def test_a_checkpoint_without_ckptconv_json_exports_under_the_hf_config_models_names(release_dirs, converted, tmp_path):
+    """Oracle: the source files. A training run's checkpoint has only release/ (no ckptconv.json, no
+    config.json): `mcore-to-hf --hf-config <release dir>` reads the spellings off that model's own
+    files and writes `vision_model.*` again. With no record of the source dtypes the export takes the
+    config's (`torch_dtype: bfloat16` in the release), so values are the source's rounded to bf16."""
+    name = "ERNIE-4.5-VL-28B-A3B-Thinking"
+    shutil.copytree(converted[name] / "release", tmp_path / "training" / "release")
+    convert_mcore_to_hf(str(tmp_path / "training" / "release"), tmp_path / "back", hf_config=str(release_dirs[name]))
+    before, after = read_safetensors_dir(release_dirs[name]), read_safetensors_dir(tmp_path / "back")
+    assert sorted(after) == sorted(before)
+    assert [k for k in before if not torch.equal(before[k].to(torch.bfloat16), after[k])] == []
+
+
+def test_a_source_with_both_spellings_of_the_vision_prefix_is_refused():
+    """Oracle: hand value. One model uses one spelling; a mix would read some tensors twice or never."""
+    from ckptconv.core.mapping import load_table
+    from ckptconv.core.source_layout import detect_source_layout
+    from ckptconv.families import normalize_config
+
+    spec = normalize_config(cut_config("ERNIE-4.5-VL-28B-A3B-Thinking"))
+    table = load_table(spec.family)
+    layout = detect_source_layout(table, spec, ["vision_model.ln.weight", "model.embed_tokens.weight"])
+    assert layout.prefixes == {"model.vision_model.": "vision_model."}
+    with pytest.raises(ConversionError, match="both 'model.vision_model.' and 'vision_model.'"):
+        detect_source_layout(table, spec, ["vision_model.ln.weight", "model.vision_model.ln.bias"])
