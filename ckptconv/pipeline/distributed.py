@@ -23,20 +23,29 @@ def _dist():
     return None
 
 
+_joined = False
+"""True while this module owns the process group (it joined it in :func:`init_from_env`)."""
+
+
 def init_from_env() -> None:
     """Join the process group torchrun describes (WORLD_SIZE > 1); otherwise do nothing."""
+    global _joined
     dist = _dist()
     if dist is not None and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
+        _joined = True
 
 
 def shutdown() -> None:
     """Leave the process group cleanly: a gloo group left to process exit can abort the process
-    ("terminate called without an active exception") after the work is done."""
+    ("terminate called without an active exception") after the work is done. Only a group
+    :func:`init_from_env` joined: one the caller set up (verify's, megatron-core's) stays theirs."""
+    global _joined
     dist = _dist()
-    if dist is not None and dist.is_initialized():
+    if _joined and dist is not None and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _joined = False
 
 
 def active() -> bool:
