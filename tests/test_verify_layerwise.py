@@ -249,3 +249,32 @@ def test_tp2_under_torchrun_loads_each_ranks_slice(qwen):
     report = json.loads(proc.stdout)
     assert report["passed"] and report["tp"] == 2 and report["path"] == "layerwise"
     assert max(s["rel"] for s in report["stages"]) < 1e-5
+
+
+def test_release_shaped_step3p7_with_mtp_layers_passes_and_lists_them_as_not_compared(tmp_path):
+    """Step-3.7-Flash as released (remote-code config, released names, MTP layers; cut): transformers
+    has no module for the MTP layers, so layerwise verify checks their keys against the checkpoint,
+    says they are not compared, and every other stage passes both chains (oracle: transformers)."""
+    from tests.test_step3p7_release import RELEASE_CONFIG
+    from ckptconv.families.step3p7.fixtures import cut_release_config, make_release_step3p7
+
+    hf = make_release_step3p7(cut_release_config(json.loads(RELEASE_CONFIG.read_text())), tmp_path / "hf")
+    report = verify(hf, _convert(hf, tmp_path / "mcore"))
+    assert report.passed, [(s.stage, s.chain, s.failures) for s in report.stages if not s.passed]
+    assert "not compared (no HF counterpart): mtp" in report.path_reason
+    assert "mtp" not in {s.stage for s in report.stages}
+
+
+def test_a_stage_list_that_misses_parameters_is_refused(qwen, monkeypatch):
+    """Every parameter must belong to a stage (one left on meta would be used unloaded): a family
+    whose list forgets the final norm gets a clear error naming the parameter, before any forward."""
+    from ckptconv.errors import ConversionError
+    from ckptconv.families import get_family
+
+    hf, ckpt = qwen
+    family = get_family("qwen2_5_vl")
+    full = family.layerwise_stages
+    monkeypatch.setattr(type(family), "layerwise_stages",
+                        lambda self, spec: [s for s in full(spec) if s.name != "final_norm"])
+    with pytest.raises(ConversionError, match="parameters in no stage: language_model.decoder.final_layernorm.weight"):
+        verify(hf, ckpt, synthetic_image=False)
