@@ -81,6 +81,13 @@ class DType(str, Enum):
     fp32 = "fp32"
 
 
+class KeyLayout(str, Enum):
+    """Which Megatron model the checkpoint keys are named for (see ckptconv.core.mapping)."""
+
+    bridge = "bridge"
+    mimo = "mimo"
+
+
 def _fail(message: str, code: int = 2) -> None:
     stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -131,6 +138,7 @@ def hf_to_mcore(
         help="Write only the language model, keyed as a plain megatron-core GPTModel (no language_model. prefix: "
              "what Megatron-LM's pretrain_gpt loads); the vision parts are left out. mcore-to-hf --hf-config SRC puts it "
              "back into the full HF model."),
+    key_layout: KeyLayout = typer.Option(KeyLayout.bridge, "--layout", help="Megatron names to write: bridge = Megatron-Bridge's (language_model.* + the HF vision modules' names); mimo = megatron-core's own MimoModel (vision tower under modality_submodules.images.encoders.<name>.*, merger/projector under modality_submodules.images.input_projections.0.*)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (every HF key -> Megatron key and transform) and write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or the dry-run plan) as JSON instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
@@ -146,7 +154,7 @@ def hf_to_mcore(
 
         if dry_run:
             planned = prepare(src, ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, make_vocab_size_divisible_by=vocab_multiple),
-                              language_model_only)
+                              language_model_only, key_layout.value)
             rows = describe_plan(planned.plan)
             if as_json:
                 print(json.dumps({"family": planned.plan.spec.family, "items": rows}, indent=2))
@@ -171,6 +179,7 @@ def hf_to_mcore(
             src, out, tp=tp, pp=pp, ep=ep, etp=etp, dtype=dtype.value, force=force, io_threads=io_threads,
             make_vocab_size_divisible_by=vocab_multiple, progress=not as_json and sys.stderr.isatty(),
             language_model_only=language_model_only,
+            key_layout=key_layout.value,
         )
         _print_summary(summary, as_json)
 

@@ -34,6 +34,12 @@ class Mode(str, Enum):
     roundtrip = "roundtrip"
 
 
+class MegatronModel(str, Enum):
+    auto = "auto"
+    bridge = "bridge"
+    mimo = "mimo"
+
+
 class VerifyDType(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -66,6 +72,7 @@ def verify_command(
     image: Optional[Path] = typer.Option(None, "--image", help="An image file to use instead of the synthetic test card."),
     no_image: bool = typer.Option(False, "--no-image", help="Text-only: skip the image input."),
     mode: Mode = typer.Option(Mode.direct, "--mode", help="direct: HF vs Megatron. roundtrip: also export to HF and compare HF vs re-exported HF."),
+    model: MegatronModel = typer.Option(MegatronModel.auto, "--model", help="Megatron model to load CKPT into: bridge = ckptconv's composition (Megatron-Bridge names); mimo = megatron-core's own MimoModel (a --layout mimo checkpoint); auto = the one CKPT's key layout is for."),
     max_abs: Optional[float] = typer.Option(None, "--max-abs", help="Override: largest allowed absolute logit difference."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Override: smallest allowed per-token cosine similarity."),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Override: smallest allowed top-1 agreement (0..1)."),
@@ -104,6 +111,7 @@ def verify_command(
             mode=mode.value,
             layerwise=layerwise,
             stage_tolerances={"max_rel": stage_rel, "min_cosine": stage_cosine},
+            megatron_model=model.value,
         )
     except ConversionError as exc:
         if debug:

@@ -30,6 +30,17 @@ How a source lays its tensors out on disk, where vendors differ, is data too
     name = "tied_lm_head_on_disk"
     present = "lm_head.weight"
     when = "tie_word_embeddings"   # ... and this spec flag holds
+
+Key layouts. The rows' Megatron names are the default layout, ``bridge`` (Megatron-Bridge's names).
+Another layout is a prefix re-mapping of those names, declared once per table, e.g. megatron-core's
+own ``MimoModel``::
+
+    [key_layouts.mimo]
+    "visual.merger." = "modality_submodules.images.input_projections.0."
+    "visual." = "modality_submodules.images.encoders.qwen_vit."
+
+:meth:`MappingTable.with_key_layout` applies it (longest prefix first; names under no listed prefix,
+such as ``language_model.*``, keep their name), so one table serves both directions in every layout.
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ import hashlib
 import importlib.resources
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ckptconv.errors import ConversionError
@@ -48,6 +59,7 @@ TABLES_PACKAGE = "ckptconv.mappings"
 """The tables are package data: ``mappings/`` at the top of the repository (where people read and
 edit them) is installed as the package ``ckptconv.mappings`` (``setup.py``: ``package_dir``), in a
 wheel and in an editable install alike, so they are found from any working directory."""
+DEFAULT_KEY_LAYOUT = "bridge"
 SHARD_KINDS = ("replicated", "column", "row", "glu", "vocab")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
@@ -97,9 +109,47 @@ class MappingTable:
     source_flags: tuple[SourceFlag, ...] = ()
     flag_values: dict[str, bool] = field(default_factory=dict)
     """Values of the source flags for the source this table is bound to (all false unbound)."""
+    key_layouts: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    """Layout name -> (bridge prefix, layout prefix) pairs, longest bridge prefix first."""
+    key_layout: str = DEFAULT_KEY_LAYOUT
+    """The layout the rules' ``mcore`` names are in."""
 
     def transform_of(self, rule: Rule) -> Transform:
         return self.transforms[rule.transform]
+
+    @property
+    def key_layout_names(self) -> tuple[str, ...]:
+        return (DEFAULT_KEY_LAYOUT, *self.key_layouts)
+
+    def with_key_layout(self, name: str) -> "MappingTable":
+        """This table with every Megatron name in layout ``name`` (``bridge`` = as written)."""
+        if self.key_layout != DEFAULT_KEY_LAYOUT:
+            raise ConversionError(f"{self.path.name}: already in key layout {self.key_layout!r}")
+        if name == DEFAULT_KEY_LAYOUT:
+            return self
+        if name not in self.key_layouts:
+            raise ConversionError(
+                f"key layout {name!r} is not defined for {self.family}; choose one of {', '.join(self.key_layout_names)}"
+            )
+        prefixes = self.key_layouts[name]
+
+        def rename(mcore: str) -> str:
+            for old, new in prefixes:
+                if mcore.startswith(old):
+                    return new + mcore[len(old):]
+            return mcore
+
+        rules = tuple(replace(rule, mcore=tuple(rename(m) for m in rule.mcore)) for rule in self.rules)
+        return replace(self, rules=rules, key_layout=name)
+
+    def detect_key_layout(self, keys) -> str:
+        """The layout a checkpoint's tensor keys are in: the one whose own prefixes they use."""
+        keys = list(keys)
+        found = [name for name, prefixes in self.key_layouts.items()
+                 if any(k.startswith(new) for k in keys for _old, new in prefixes)]
+        if len(found) > 1:
+            raise ConversionError(f"checkpoint keys mix the {' and '.join(found)} key layouts")
+        return found[0] if found else DEFAULT_KEY_LAYOUT
 
 
 def _as_tuple(value) -> tuple[str, ...]:
@@ -180,7 +230,8 @@ def load_table(family: str, mappings_dir: Path | None = None) -> MappingTable:
     prefixes = tuple(_parse_prefix(row, f"{path.name} hf_prefix {i + 1}") for i, row in enumerate(data.get("hf_prefix", [])))
     flags = tuple(_parse_source_flag(row, f"{path.name} source_flag {i + 1}") for i, row in enumerate(data.get("source_flag", [])))
     return MappingTable(family=family, rules=rules, sha256=hashlib.sha256(raw).hexdigest(), path=path, transforms=used,
-                        hf_prefixes=prefixes, source_flags=flags, flag_values={f.name: False for f in flags})
+                        hf_prefixes=prefixes, source_flags=flags, flag_values={f.name: False for f in flags},
+                        key_layouts=_parse_key_layouts(data.get("key_layouts", {}), rules, path.name))
 
 
 def _parse_prefix(row: dict, where: str) -> tuple[str, ...]:
@@ -196,3 +247,20 @@ def _parse_source_flag(row: dict, where: str) -> SourceFlag:
     if unknown or not isinstance(row.get("name"), str) or not isinstance(row.get("present"), str):
         raise ConversionError(f"{where}: needs `name` and `present` (and optionally `when`)")
     return SourceFlag(name=row["name"], present=row["present"], when=row.get("when"))
+
+
+def _parse_key_layouts(raw: dict, rules: tuple[Rule, ...], where: str) -> dict[str, tuple[tuple[str, str], ...]]:
+    """``[key_layouts.<name>]`` tables: each prefix must rename at least one row (a typo would
+    otherwise leave tensors silently under their bridge names)."""
+    names = [m for rule in rules for m in rule.mcore]
+    layouts = {}
+    for name, prefixes in raw.items():
+        if name == DEFAULT_KEY_LAYOUT or not isinstance(prefixes, dict) or not prefixes:
+            raise ConversionError(f"{where}: [key_layouts.{name}] must be a non-empty table of prefix = prefix")
+        for old, new in prefixes.items():
+            if not isinstance(new, str) or not old.endswith(".") or not new.endswith("."):
+                raise ConversionError(f"{where}: [key_layouts.{name}] {old!r}: prefixes end with '.'")
+            if not any(m.startswith(old) for m in names):
+                raise ConversionError(f"{where}: [key_layouts.{name}] prefix {old!r} matches no row's mcore name")
+        layouts[name] = tuple(sorted(prefixes.items(), key=lambda kv: -len(kv[0])))
+    return layouts

@@ -7,6 +7,7 @@ A family is one package, ``ckptconv/families/<name>/``, plus one table, ``mappin
 ``transforms.py``  (only if the table names transforms the core lacks) ``TRANSFORMS``
 ``training.py``    ``training``: Megatron-LM ``args`` / Megatron-Bridge ``run_config.yaml`` fields (no torch)
 ``model.py``       ``build_model`` / ``hf_config``: the Megatron model verify loads, the HF config
+``mimo.py``        ``build_mimo_model``: the same model as megatron-core's ``MimoModel`` (``--layout mimo``)
 ``inputs.py``      ``verify_inputs``: the same text and image inputs for both models
 ``stages.py``      ``layerwise_stages``: the forward pass as stages of both models (layerwise verify)
 ``fixtures.py``    ``make_tiny`` / ``real_width_config``: random checkpoints for tests and benchmarks
@@ -84,6 +85,12 @@ class Family:
         """The Megatron model a converted checkpoint loads into; its ``sharded_state_dict()`` is the
         key contract the table writes."""
         return self.part("model").build_model(spec, padded_vocab_size=padded_vocab_size, dtype=dtype)
+
+    def build_mimo_model(self, spec: "ModelSpec", *, padded_vocab_size: int, dtype: "torch.dtype") -> "torch.nn.Module":
+        """The same model as megatron-core's own ``MimoModel`` (vision tower as the ``images``
+        encoder, projector as its input projection); its ``sharded_state_dict()`` is the key contract
+        of the table's ``mimo`` key layout. ``forward`` takes the same inputs as ``build_model``'s."""
+        return self.part("mimo").build_mimo_model(spec, padded_vocab_size=padded_vocab_size, dtype=dtype)
 
     def hf_config(self, spec: "ModelSpec"):
         """The transformers config object for the HF reference (flat configs are not readable by

@@ -23,11 +23,27 @@ from ckptconv.formats.torch_dist import CheckpointMetadata, DistCheckpointReader
 
 EMBEDDING_KEY = "language_model.embedding.word_embeddings.weight"
 
-def model_builder(family: str) -> Callable[..., torch.nn.Module]:
-    """The family's ``build_model(spec, *, padded_vocab_size, dtype)``; a clear error for an unknown family."""
+MEGATRON_MODELS = ("bridge", "mimo")
+"""The Megatron models a family builds, named by the key layout they load: ``bridge`` (our
+composition, Megatron-Bridge's names) and ``mimo`` (megatron-core's own ``MimoModel``)."""
+
+
+def model_builder(family: str, model: str = "bridge") -> Callable[..., torch.nn.Module]:
+    """The family's ``build_model`` / ``build_mimo_model(spec, *, padded_vocab_size, dtype)``; a
+    clear error for an unknown family or model."""
     from ckptconv.families import get_family
 
-    return get_family(family).build_model
+    builders = {"bridge": "build_model", "mimo": "build_mimo_model"}
+    if model not in builders:
+        raise ConversionError(f"unknown Megatron model {model!r}; choose one of {', '.join(MEGATRON_MODELS)}")
+    return getattr(get_family(family), builders[model])
+
+
+def checkpoint_key_layout(ckpt: str | Path, family: str) -> str:
+    """``bridge`` or ``mimo``: the key layout of the checkpoint's tensor names (the family's table knows both)."""
+    from ckptconv.core.mapping import load_table
+
+    return load_table(family).detect_key_layout(checkpoint_tensor_shapes(ckpt))
 
 
 # --------------------------------------------------------------------------- locating a checkpoint
@@ -159,15 +175,37 @@ def load_megatron_checkpoint(model: torch.nn.Module, ckpt: str | Path) -> torch.
     return model
 
 
+def resolve_megatron_model(ckpt: str | Path, family: str, model: str = "auto") -> str:
+    """``bridge`` or ``mimo``: ``auto`` -> the model whose keys the checkpoint has; a named model must
+    match them (a model never loads the other layout's keys)."""
+    key_layout = checkpoint_key_layout(ckpt, family)
+    if model == "auto":
+        return key_layout
+    if model not in MEGATRON_MODELS:
+        raise ConversionError(f"unknown Megatron model {model!r}; choose auto, {', '.join(MEGATRON_MODELS)}")
+    if model != key_layout:
+        raise ConversionError(
+            f"{ckpt}: its keys are in the {key_layout!r} layout, the {model} model loads {model!r}-layout keys; "
+            f"convert with `ckptconv hf-to-mcore --layout {model}` (or use --model {key_layout})"
+        )
+    return model
+
+
 def build_and_load(
-    ckpt: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", fallback_config=None
+    ckpt: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", fallback_config=None,
+    model: str = "auto",
 ):
-    """Build the family's Megatron model for ``ckpt`` at the current TP size and load it. Returns (model, spec)."""
+    """Build the family's Megatron model for ``ckpt`` at the current TP size and load it strictly.
+    Returns (model, spec).
+
+    ``model``: ``bridge`` (our composition), ``mimo`` (megatron-core's ``MimoModel``), or ``auto``: the
+    one whose keys the checkpoint has. A model never loads the other layout's keys."""
     from megatron.core import parallel_state
 
     spec = checkpoint_spec(ckpt, fallback_config)
+    builder = model_builder(spec.family, resolve_megatron_model(ckpt, spec.family, model))
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    model = model_builder(spec.family)(spec, padded_vocab_size=padded_vocab_size(ckpt, tp), dtype=dtype)
+    model = builder(spec, padded_vocab_size=padded_vocab_size(ckpt, tp), dtype=dtype)
     load_megatron_checkpoint(model, ckpt)
     return model.to(device).eval(), spec
 

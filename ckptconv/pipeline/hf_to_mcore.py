@@ -17,7 +17,7 @@ from ckptconv.families import normalize_config
 from ckptconv.core.layout import ParallelLayout, tp_chunks
 from ckptconv.formats.checksum import CHECKSUM, checksum_bytes, checksum_file
 from ckptconv.pipeline.manifest import RELEASE_DIR, TRACKER_NAME, versions, write_manifest
-from ckptconv.core.mapping import load_table
+from ckptconv.core.mapping import DEFAULT_KEY_LAYOUT, load_table
 from ckptconv.core.source_layout import SourceLayout, bind, detect_source_layout
 from ckptconv.pipeline.outdir import staged_output
 from ckptconv.core.plan import Plan, PlanItem, build_plan, language_model_only as language_model_plan
@@ -40,11 +40,15 @@ class PlannedConversion:
     """HF tensors deliberately not converted (the vision parts under ``--language-model-only``)."""
 
 
-def prepare(src: str, layout: ParallelLayout, language_model_only: bool = False) -> PlannedConversion:
-    """Everything that can fail before a byte is written: source, config, plan, coverage, shapes."""
+def prepare(src: str, layout: ParallelLayout, language_model_only: bool = False,
+            key_layout: str = DEFAULT_KEY_LAYOUT) -> PlannedConversion:
+    """Everything that can fail before a byte is written: source, config, plan, coverage, shapes.
+
+    ``key_layout`` names the Megatron model the keys are for: ``bridge`` (Megatron-Bridge's names) or
+    another layout the family's table declares (``mimo``: megatron-core's MimoModel)."""
     source = open_hf_checkpoint(src)
     spec = normalize_config(source.config, where=str(source.root / "config.json"))
-    table = load_table(spec.family)
+    table = load_table(spec.family).with_key_layout(key_layout)
     # The source's own spellings and optional tensors (the table's [[hf_prefix]] / [[source_flag]]).
     source_layout = detect_source_layout(table, spec, source.tensors)
     plan = build_plan(spec, bind(table, source_layout), layout)
@@ -203,18 +207,24 @@ def convert_hf_to_mcore(
     progress: bool = False,
     io_threads: int = 4,
     language_model_only: bool = False,
+    key_layout: str = DEFAULT_KEY_LAYOUT,
 ) -> Summary:
+    if language_model_only and key_layout != DEFAULT_KEY_LAYOUT:
+        raise ConversionError(
+            f"--language-model-only writes a plain GPTModel without vision parts; --layout {key_layout} does not apply"
+        )
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     out = Path(out)
     rank, world_size = distributed.rank_and_world()
     layout = ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     summary = Summary(command="hf-to-mcore", source=str(src), output=str(out), ranks=world_size)
-    planned = distributed.first_error_everywhere(lambda: prepare(src, layout, language_model_only))
+    planned = distributed.first_error_everywhere(lambda: prepare(src, layout, language_model_only, key_layout))
     source, plan = planned.source, planned.plan
     summary.notes.extend(_layout_notes(planned.source_layout))
     summary.family = plan.spec.family
-    summary.layout = {"tp": tp, "pp": pp, "ep": ep, "etp": etp, "dtype": dtype, "padded_vocab_size": plan.padded_vocab_size}
+    summary.layout = {"tp": tp, "pp": pp, "ep": ep, "etp": etp, "dtype": dtype, "padded_vocab_size": plan.padded_vocab_size,
+                      "key_layout": key_layout}
     summary.notes.extend(plan.spec.filled_defaults)
     if planned.skipped:
         summary.notes.append(f"--language-model-only: {len(planned.skipped)} vision / projector tensor(s) not converted "
@@ -293,6 +303,8 @@ def _finish_checkpoint(staging: Path, release: Path, final_release: Path, parts:
         "mapping_table": {"file": plan.table.path.name, "sha256": plan.table.sha256},
         # The source's spellings and optional tensors: export writes the names the source had.
         "source_layout": source_layout.as_json(),
+        # Which Megatron model the keys are named for (bridge: Megatron-Bridge's; mimo: megatron-core's MimoModel).
+        "key_layout": plan.table.key_layout,
         "hf_tensors": {name: {"dtype": info.dtype, "shape": list(info.shape), "file": info.file, "offset": info.offset}
                        for name, info in sorted(source.tensors.items())},
         # Where each source file's data began: export puts every tensor back at its source offset.
@@ -354,7 +366,7 @@ def _check_everything_written(plan: Plan, parts: list[LocalIndex]) -> None:
         raise ConversionError(f"coverage proof failed: missing {_names(missing)}; unexpected {_names(extra)}")
 
 
-def global_tensors_in_memory(src: str, layout: ParallelLayout | None = None) -> dict:
+def global_tensors_in_memory(src: str, layout: ParallelLayout | None = None, key_layout: str = DEFAULT_KEY_LAYOUT) -> dict:
     """Every Megatron tensor the plan would write, as whole global tensors in memory.
 
     For tests and small models only (this is exactly what streaming avoids): it lets a test check a
@@ -362,7 +374,7 @@ def global_tensors_in_memory(src: str, layout: ParallelLayout | None = None) -> 
     """
     import torch
 
-    planned = prepare(src, layout or ParallelLayout())
+    planned = prepare(src, layout or ParallelLayout(), key_layout)
     plan, source = planned.plan, planned.source
     out: dict[str, torch.Tensor] = {}
     for item in plan.items:

@@ -92,6 +92,19 @@ def _find_config(ckpt: Path, hf_config: str | None) -> tuple[dict, list[Path], d
     return config, sidecars, manifest
 
 
+def _table_for(family: str, reader: DistCheckpointReader, manifest: dict | None):
+    """The family's table in the key layout the checkpoint's own keys use (bridge or mimo): read from
+    the keys, so checkpoints trained and saved elsewhere export too; ckptconv.json must agree."""
+    table = load_table(family)
+    key_layout = table.detect_key_layout(reader.tensor_keys())
+    recorded = (manifest or {}).get("key_layout")
+    if recorded is not None and recorded != key_layout:
+        raise ConversionError(
+            f"{reader.directory}: ckptconv.json records key layout {recorded!r} but the checkpoint keys are {key_layout!r}"
+        )
+    return table.with_key_layout(key_layout)
+
+
 def _padded_vocab_from_checkpoint(plan: Plan, reader: DistCheckpointReader) -> int:
     """Megatron pads the vocabulary by TP size at save time; the checkpoint says how much."""
     for item in plan.items:
@@ -201,7 +214,7 @@ def convert_mcore_to_hf(
         spec = normalize_config(config)
         if manifest and manifest.get("family") not in (None, spec.family):
             raise ConversionError(f"{ckpt}: checkpoint is family {manifest['family']!r} but the config is {spec.family!r}")
-        table = load_table(spec.family)
+        table = _table_for(spec.family, reader, manifest)
         plan = build_plan(spec, bind(table, _source_layout(table, spec, manifest, hf_config)), ParallelLayout())
         vision, vision_planned = None, []
         if is_language_model_only(reader, manifest):
@@ -217,7 +230,7 @@ def convert_mcore_to_hf(
     reader, config, sidecars, plan, ignored, tensors, manifest, vision = distributed.first_error_everywhere(prepare)
     vision_names = set() if vision is None else {name for name in vision.tensors if name not in set(plan.hf_names())}
     summary.family = plan.spec.family
-    summary.layout = {"padded_vocab_size": plan.padded_vocab_size}
+    summary.layout = {"padded_vocab_size": plan.padded_vocab_size, "key_layout": plan.table.key_layout}
     if ignored:
         summary.notes.append(f"ignored {len(ignored)} non-model checkpoint tensor(s), e.g. {ignored[0]}")
     tokenizer_note = missing_tokenizer_note([p.name for p in sidecars], "the config source" if hf_config else "the checkpoint")

@@ -71,6 +71,8 @@ class VerifyReport:
     stage_tolerances: StageTolerances | None = None
     stages: list[StageResult] = field(default_factory=list)
     largest_stage_bytes: int = 0
+    megatron_model: str = "bridge"
+    """The Megatron model the checkpoint was loaded into: ``bridge`` (ours) or ``mimo`` (megatron-core's MimoModel)."""
 
     @property
     def passed(self) -> bool:
@@ -107,6 +109,7 @@ class VerifyReport:
             "device": self.device,
             "dtype": self.dtype,
             "mode": self.mode,
+            "megatron_model": self.megatron_model,
             "tolerances": asdict(self.tolerances),
             "inputs": [
                 {
@@ -149,6 +152,7 @@ class VerifyReport:
             stage_tolerances=StageTolerances(**d["stage_tolerances"]) if d.get("stage_tolerances") else None,
             stages=[StageResult(**{k: _unfinite(v) for k, v in st.items()}) for st in d.get("stages", [])],
             largest_stage_bytes=int(d.get("largest_stage_bytes", 0)),
+            megatron_model=d.get("megatron_model", "bridge"),
         )
 
 
@@ -169,7 +173,7 @@ def render_table(report: VerifyReport):
     tol = report.tolerances
     verdict = "[bold green]PASS[/]" if report.passed else f"[bold red]FAIL[/], worst input: {report.worst_input}"
     table = Table(
-        title=f"verify {report.family} (tp={report.tp}, {report.dtype}, {report.device}): {verdict}",
+        title=f"verify {report.family} ({report.megatron_model} model, tp={report.tp}, {report.dtype}, {report.device}): {verdict}",
         caption=(
             f"reference {report.hf_src} vs {report.mcore_ckpt}\n"
             f"tolerances: max-abs <= {tol.max_abs:g}, mean-abs <= {tol.mean_abs:g}, cosine >= {tol.min_cosine:g}, "

@@ -61,10 +61,10 @@ def _to(kwargs: dict, device) -> dict:
 
 
 @torch.no_grad()
-def _megatron_logits(ckpt, hf_src, inputs, dtype, device) -> tuple[list[torch.Tensor], str]:
+def _megatron_logits(ckpt, hf_src, inputs, dtype, device, megatron_model: str) -> tuple[list[torch.Tensor], str]:
     from ckptconv.megatron.load import build_and_load
 
-    model, spec = build_and_load(ckpt, dtype=dtype, device=device, fallback_config=hf_src)
+    model, spec = build_and_load(ckpt, dtype=dtype, device=device, fallback_config=hf_src, model=megatron_model)
     out = []
     for inp in inputs:
         logits = model(**_to(inp.mcore_kwargs, device))
@@ -148,15 +148,18 @@ def run_verify(
     mode: str = "direct",
     layerwise: bool | None = None,
     stage_tolerances: StageTolerances | dict | None = None,
+    megatron_model: str = "auto",
 ) -> VerifyReport:
     """Compare HF ``hf_src`` with the Megatron checkpoint ``mcore_ckpt``; see the module docstring.
 
     ``layerwise``: True streams both models stage by stage (:mod:`ckptconv.verify.layerwise`),
     False loads them whole, None (default) streams when the whole models would not fit in memory.
+    ``megatron_model``: ``bridge`` (our composition), ``mimo`` (megatron-core's ``MimoModel``) or
+    ``auto`` (the one the checkpoint's key layout is for).
     """
     from ckptconv.megatron import runtime
     from ckptconv.families import normalize_config
-    from ckptconv.megatron.load import checkpoint_spec
+    from ckptconv.megatron.load import checkpoint_spec, resolve_megatron_model
     from ckptconv.pipeline.source import read_config, resolve_source
 
     if mode not in ("direct", "roundtrip"):
@@ -176,12 +179,18 @@ def run_verify(
     spec = checkpoint_spec(mcore_ckpt, fallback_config=hf_src)
     source_spec = normalize_config(read_config(hf_src), where=str(hf_src / "config.json"), model_dir=hf_src)
     _check_same_model(source_spec, spec, hf_src, mcore_ckpt)
+    megatron_model = resolve_megatron_model(mcore_ckpt, spec.family, megatron_model)
     inputs = build_inputs(
         spec, hf_src, prompt=prompt, image=image, synthetic_image_=synthetic_image, text_only=text_only
     )
     timings["setup"] = time.perf_counter() - t0
 
     use_layerwise, reason = _choose_path(layerwise, mcore_ckpt, torch_dtype)
+    if use_layerwise and megatron_model == "mimo":
+        raise ConversionError(
+            f"the layerwise path ({reason}) streams ckptconv's own model stages, not megatron-core's MimoModel; "
+            "verify a mimo-layout checkpoint with --whole-model"
+        )
     if use_layerwise:
         if mode != "direct":
             raise ConversionError(
@@ -194,7 +203,7 @@ def run_verify(
                               tp=tp, dtype_name=dtype_name)
 
     t0 = time.perf_counter()
-    megatron_logits, family = _megatron_logits(mcore_ckpt, hf_src, inputs, torch_dtype, dev)
+    megatron_logits, family = _megatron_logits(mcore_ckpt, hf_src, inputs, torch_dtype, dev, megatron_model)
     timings["megatron"] = time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory(prefix="ckptconv-roundtrip-") as tmp, interrupt.removed_if_interrupted(tmp):
@@ -221,6 +230,7 @@ def run_verify(
                     hf_src=str(hf_src), mcore_ckpt=str(mcore_ckpt), family=family, tp=tp, device=str(dev),
                     dtype=dtype_name, mode=mode, tolerances=tol, results=results, timings=timings,
                     path="whole-model", path_reason=reason,
+                    megatron_model=megatron_model,
                 )
                 outcome = report.as_dict()
             except ConversionError as exc:

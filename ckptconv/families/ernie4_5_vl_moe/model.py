@@ -348,12 +348,48 @@ def _quiet_unknown_mlp_warning():
         layer_logger.setLevel(level)
 
 
+def language_model_kwargs(config, spec: ModelSpec, padded_vocab_size: int, modality: TokenModality) -> dict:
+    """GPTModel arguments of the language model; this model and the MimoModel (``mimo.py``) build the
+    same one, then swap in :func:`rotary_embedding`."""
+    return dict(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, spec, modality),
+        vocab_size=padded_vocab_size,
+        max_sequence_length=spec.extra["max_position_embeddings"],
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        position_embedding_type="mrope",
+        rotary_base=spec.rope_theta,
+    )
+
+
+def rotary_embedding(spec: ModelSpec):
+    """ERNIE's 3D RoPE module: the same inv_freq as megatron's mrope module, ERNIE's band -> axis map."""
+    return _rotary_class()(
+        kv_channels=spec.head_dim,
+        rotary_percent=1.0,
+        rotary_interleaved=True,
+        rotary_base=spec.rope_theta,
+        mrope_section=list(spec.extra["mrope_section"]),
+    )
+
+
+def keep_router_bias_fp32(model: nn.Module) -> None:
+    """Routers: fp32 bias always (selection must not round), like HF's _keep_in_fp32 e_score bias."""
+    for module in model.modules():
+        if hasattr(module, "expert_bias") and isinstance(module.expert_bias, torch.Tensor):
+            module.expert_bias.data = module.expert_bias.data.float()
+
+
 class ErnieVLMegatron(nn.Module):
     """``.language_model`` (GPTModel) + ``.vision_tower`` + ``.resampler_model`` (HF, replicated)."""
 
     def __init__(self, spec: ModelSpec, *, padded_vocab_size: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         from megatron.core import parallel_state
+        from megatron.core.models.gpt import GPTModel
         from transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe import (
             Ernie4_5_VLMoeVariableResolutionResamplerModel,
             Ernie4_5_VLMoeVisionTransformerPretrainedModel,
@@ -370,38 +406,12 @@ class ErnieVLMegatron(nn.Module):
         self.modality = TokenModality()
         config = transformer_config(spec, dtype)
         with _quiet_unknown_mlp_warning():
-            self.language_model = self._gpt_model(config, spec, padded_vocab_size)
-        # Same inv_freq as megatron's mrope module, ERNIE's band -> axis assignment.
-        self.language_model.rotary_pos_emb = _rotary_class()(
-            kv_channels=spec.head_dim,
-            rotary_percent=1.0,
-            rotary_interleaved=True,
-            rotary_base=spec.rope_theta,
-            mrope_section=list(spec.extra["mrope_section"]),
-        )
+            self.language_model = GPTModel(**language_model_kwargs(config, spec, padded_vocab_size, self.modality))
+        self.language_model.rotary_pos_emb = rotary_embedding(spec)
         self.vision_tower = Ernie4_5_VLMoeVisionTransformerPretrainedModel._from_config(self.hf_config.vision_config)
         self.resampler_model = Ernie4_5_VLMoeVariableResolutionResamplerModel(self.hf_config)
         self.to(dtype)
-        # Routers: fp32 bias always (selection must not round), like HF's _keep_in_fp32 e_score bias.
-        for module in self.modules():
-            if hasattr(module, "expert_bias") and isinstance(module.expert_bias, torch.Tensor):
-                module.expert_bias.data = module.expert_bias.data.float()
-
-    def _gpt_model(self, config, spec: ModelSpec, padded_vocab_size: int):
-        from megatron.core.models.gpt import GPTModel
-
-        return GPTModel(
-            config=config,
-            transformer_layer_spec=decoder_block_spec(config, spec, self.modality),
-            vocab_size=padded_vocab_size,
-            max_sequence_length=spec.extra["max_position_embeddings"],
-            pre_process=True,
-            post_process=True,
-            parallel_output=True,
-            share_embeddings_and_output_weights=spec.tie_word_embeddings,
-            position_embedding_type="mrope",
-            rotary_base=spec.rope_theta,
-        )
+        keep_router_bias_fp32(self)
 
     # ------------------------------------------------------------------ checkpoint keys
 

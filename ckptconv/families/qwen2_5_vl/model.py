@@ -53,13 +53,31 @@ def hf_config(spec: ModelSpec):
     return Qwen2_5_VLConfig.from_dict(dict(spec.hf_config))
 
 
+def language_model_kwargs(spec: ModelSpec, padded_vocab_size: int, dtype: torch.dtype = torch.float32) -> dict:
+    """GPTModel arguments of the language model (local spec, RMSNorm, M-RoPE); this model and the
+    MimoModel (``mimo.py``) build the same one."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return dict(
+        config=transformer_config(spec, dtype),
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=padded_vocab_size,
+        max_sequence_length=int(hf_config(spec).text_config.max_position_embeddings),
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        position_embedding_type="mrope",
+        rotary_base=spec.rope_theta,
+    )
+
+
 class QwenVLMegatron(nn.Module):
     """``.language_model`` (GPTModel) + ``.visual`` (HF vision tower with merger)."""
 
     def __init__(self, spec: ModelSpec, *, padded_vocab_size: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
         check_model_parallel("Qwen2.5-VL", spec, padded_vocab_size)
@@ -68,18 +86,7 @@ class QwenVLMegatron(nn.Module):
         self.spec = spec
         self.padded_vocab_size = padded_vocab_size
         self.hf_config = hf_config(spec)
-        self.language_model = GPTModel(
-            config=transformer_config(spec, dtype),
-            transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-            vocab_size=padded_vocab_size,
-            max_sequence_length=int(self.hf_config.text_config.max_position_embeddings),
-            pre_process=True,
-            post_process=True,
-            parallel_output=True,
-            share_embeddings_and_output_weights=spec.tie_word_embeddings,
-            position_embedding_type="mrope",
-            rotary_base=spec.rope_theta,
-        )
+        self.language_model = GPTModel(**language_model_kwargs(spec, padded_vocab_size, dtype))
         # The HF module is used as is (same math as the reference, same names as on disk). Its
         # attention implementation is the one from_pretrained would pick for the reference model.
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(self.hf_config.vision_config).to(dtype)

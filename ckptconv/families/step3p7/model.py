@@ -524,6 +524,34 @@ class ImageInsertEmbedding(nn.Module):
 
 
 # ============================================================================ the model
+def language_model_kwargs(spec: ModelSpec, padded_vocab_size: int, dtype: torch.dtype = torch.float32,
+                          *, parallel_output: bool = True) -> dict:
+    """GPTModel arguments of the language model; this model and the MimoModel (``mimo.py``) build the
+    same one. ``parallel_output=False`` gathers the logits over TP inside GPTModel (the stock
+    ``MimoModel.forward`` does not ask for them gathered)."""
+    config = transformer_config(spec, dtype)
+    return dict(
+        config=config,
+        transformer_layer_spec=block_spec(spec),
+        mtp_block_spec=mtp_block_spec(spec, config),
+        vocab_size=padded_vocab_size,
+        max_sequence_length=int(hf_config(spec).text_config.max_position_embeddings),
+        pre_process=True,
+        post_process=True,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        # RoPE differs per layer type: each attention layer applies its own (see above).
+        position_embedding_type="none",
+    )
+
+
+def attach_mtp_output_heads(language_model, spec: ModelSpec, padded_vocab_size: int, dtype: torch.dtype) -> None:
+    """Give each MTP layer its released output head (:class:`MTPOutputHead`) after GPTModel is built."""
+    if spec.mtp_num_layers:
+        for mtp_layer in language_model.mtp.layers:
+            mtp_layer.output_layer = MTPOutputHead(padded_vocab_size, spec.hidden_size, dtype)
+
+
 class Step37Megatron(nn.Module):
     """``.language_model`` (GPTModel), ``.vision_model`` (HF tower, on-disk names),
     ``.image_insert_embedding.align_projector``."""
@@ -536,24 +564,8 @@ class Step37Megatron(nn.Module):
         self.spec = spec
         self.padded_vocab_size = padded_vocab_size
         self.hf_config = hf_config(spec)
-        text = self.hf_config.text_config
-        config = transformer_config(spec, dtype)
-        self.language_model = GPTModel(
-            config=config,
-            transformer_layer_spec=block_spec(spec),
-            mtp_block_spec=mtp_block_spec(spec, config),
-            vocab_size=padded_vocab_size,
-            max_sequence_length=int(text.max_position_embeddings),
-            pre_process=True,
-            post_process=True,
-            parallel_output=True,
-            share_embeddings_and_output_weights=spec.tie_word_embeddings,
-            # RoPE differs per layer type: each attention layer applies its own (see above).
-            position_embedding_type="none",
-        ).to(dtype)
-        if spec.mtp_num_layers:
-            for mtp_layer in self.language_model.mtp.layers:
-                mtp_layer.output_layer = MTPOutputHead(padded_vocab_size, spec.hidden_size, dtype)
+        self.language_model = GPTModel(**language_model_kwargs(spec, padded_vocab_size, dtype)).to(dtype)
+        attach_mtp_output_heads(self.language_model, spec, padded_vocab_size, dtype)
         vision = self.hf_config.vision_config
         self.vision_model = Step37VisionTower(vision, dtype)
         self.image_insert_embedding = ImageInsertEmbedding(
