@@ -16,6 +16,15 @@ class RowBlocks:
     def __init__(self, parts: list, shape: tuple[int, ...] | None = None):
         """``shape``: the shape the concatenation is viewed as (e.g. ``[E, F, H]`` for E stacked
         ``[F, H]`` experts); default ``[sum of rows, *trailing]``."""
+        # Blocks of blocks (a row slice of chunks that were themselves read as blocks, e.g. one
+        # query group of a TP-split fused QKV) are flattened: writers take parts that are tensors.
+        flat = []
+        for p in parts:
+            if isinstance(p, RowBlocks):
+                flat.extend(p.parts if p._plain_rows() else [p.materialize()])
+            else:
+                flat.append(p)
+        parts = flat
         self.parts = [p for p in parts if p.ndim == 0 or p.shape[0]] or parts[:1]
         first = self.parts[0]
         self.dtype = first.dtype
