@@ -267,3 +267,29 @@ def test_a_tensor_parallel_modality_module_is_refused(tiny):
     )
     with pytest.raises(ConversionError, match="input_projections.0.weight.*tensor-parallel"):
         FamilyMimoModel(config, spec=spec, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "step3p7"])
+def test_with_labels_the_mimo_model_returns_the_training_loss(tiny, family):
+    """What a training step uses: with labels, the per-token loss of GPTModel (through our forward for
+    Qwen/ERNIE, through the stock MimoModel.forward for Step3.7). Oracle: torch's cross entropy on the
+    same model's logits (the vocab padding rows are zero in the checkpoint but still take part in the
+    softmax, as in Megatron training)."""
+    from ckptconv.families import get_family
+    from ckptconv.megatron import runtime
+    from ckptconv.megatron.load import build_and_load, padded_vocab_size
+    from ckptconv.verify.inputs import synthetic_image
+
+    runtime.init_parallel(tp=1, device="cpu")
+    model, spec = build_and_load(tiny[family]["tp1"], model="mimo")
+    (inp,) = get_family(family).verify_inputs(spec, tiny[family]["hf"], prompt="a cat", image=("image", synthetic_image()), text_only=False)
+    labels = torch.roll(inp.input_ids, -1, dims=1)
+    with torch.no_grad():
+        loss = model(**inp.mcore_kwargs, labels=labels)
+        logits = model(**inp.mcore_kwargs)
+    assert loss.shape == labels.shape and torch.isfinite(loss).all()
+    # Over the padded vocabulary: the padding rows are zero, so their logits are exactly 0.
+    padded_vocab = padded_vocab_size(tiny[family]["tp1"])
+    full = torch.cat([logits, logits.new_zeros(*logits.shape[:-1], padded_vocab - logits.shape[-1])], dim=-1)
+    expected = torch.nn.functional.cross_entropy(full.transpose(1, 2), labels, reduction="none")
+    assert torch.allclose(loss, expected, atol=1e-5)

@@ -78,7 +78,8 @@ class FamilyMimoModel(_mimo_base()):
     """A real ``MimoModel`` (its construction, submodules and ``sharded_state_dict`` untouched) with
     the helpers a family's ``forward`` composes. ``forward`` returns logits ``[B, S, vocab_size]``
     (gathered over TP, vocab padding dropped) and takes the family's verify inputs
-    (``VerifyInput.mcore_kwargs``), like the family's own Megatron model."""
+    (``VerifyInput.mcore_kwargs``), like the family's own Megatron model; given ``labels`` it returns
+    the per-token loss ``[B, S]`` instead."""
 
     def __init__(self, mimo_config, *, spec, dtype: torch.dtype):
         with warnings.catch_warnings():
@@ -108,12 +109,15 @@ class FamilyMimoModel(_mimo_base()):
         except ValueError as exc:  # token / feature count mismatch
             raise ConversionError(f"MimoModel: {exc}") from None
 
-    def language_model_logits(self, decoder_input, position_ids, attention_mask) -> torch.Tensor:
-        logits = self.language_model(
+    def language_model_logits(self, decoder_input, position_ids, attention_mask, labels=None) -> torch.Tensor:
+        """Logits ``[B, S, vocab_size]``; with ``labels`` ``[B, S]``, GPTModel's per-token loss
+        ``[B, S]`` instead (what a training step reduces with its loss mask)."""
+        output = self.language_model(
             input_ids=None,
             position_ids=position_ids,
             attention_mask=attention_mask,
             decoder_input=decoder_input,
+            labels=labels,
             runtime_gather_output=True,
         )
-        return logits[..., : self.spec.vocab_size]
+        return output if labels is not None else output[..., : self.spec.vocab_size]

@@ -116,6 +116,7 @@ class ErnieMimoModel(FamilyMimoModel):
         moe_mm_token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values_are_raw: bool = False,
+        labels: torch.Tensor | None = None,
         **_unused,
     ) -> torch.Tensor:
         derived_mm, derived_moe = self.token_types(input_ids)
@@ -138,7 +139,7 @@ class ErnieMimoModel(FamilyMimoModel):
         mask = causal_mask(input_ids.shape[1], attention_mask, input_ids.device)
         self.modality.vision_mask = moe_mm_token_type_ids.bool().transpose(0, 1)  # [S, B]
         try:
-            return self.language_model_logits(embeddings, positions, mask)
+            return self.language_model_logits(embeddings, positions, mask, labels)
         finally:
             self.modality.vision_mask = None
 

@@ -78,6 +78,7 @@ class QwenMimoModel(FamilyMimoModel):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         encoder_inputs = None
         if pixel_values is not None:
@@ -87,7 +88,7 @@ class QwenMimoModel(FamilyMimoModel):
         embeddings = self.combined_embeddings(input_ids, encoder_inputs)
         positions = self.position_ids(input_ids, image_grid_thw if pixel_values is not None else None, attention_mask)
         mask = causal_mask(input_ids.shape[1], attention_mask, input_ids.device)
-        return self.language_model_logits(embeddings, positions, mask)
+        return self.language_model_logits(embeddings, positions, mask, labels)
 
 
 def build_mimo_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: torch.dtype = torch.float32) -> QwenMimoModel:

@@ -73,7 +73,10 @@ class Step37MimoModel(FamilyMimoModel):
         image_start_token_id: int | None = None,
         attention_mask: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Logits ``[B, S, vocab_size]``, or with ``labels`` the stock forward's per-token loss
+        ``[B, S]`` (MTP layers then add their losses, as in training)."""
         if image_grid_thw is not None:
             raise ConversionError("Step3.7 takes no image_grid_thw: images are fixed-size views")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
@@ -86,9 +89,13 @@ class Step37MimoModel(FamilyMimoModel):
             check_patches_follow_start(input_ids, start, self.spec.image_token_id, image_feature_count(self.spec))
             modality_inputs = {IMAGES: {ENCODER: {"pixel_values": pixel_values.to(self.image_encoder.conv1.weight.dtype)}}}
         causal = causal_mask(input_ids.shape[1], None, input_ids.device)
+        stock_forward = super().forward
         try:
+            if labels is not None:
+                loss, _loss_mask = stock_forward(input_ids, attention_mask=causal, labels=labels, modality_inputs=modality_inputs)
+                return loss
             with _without_mtp(self.language_model):
-                logits, _loss_mask = super().forward(input_ids, attention_mask=causal, modality_inputs=modality_inputs)
+                logits, _loss_mask = stock_forward(input_ids, attention_mask=causal, modality_inputs=modality_inputs)
         except ValueError as exc:  # token / feature count mismatch in align_embeddings_by_token_positions
             raise ConversionError(f"MimoModel: {exc}") from None
         return logits[..., : self.spec.vocab_size]
