@@ -293,3 +293,10 @@ def test_with_labels_the_mimo_model_returns_the_training_loss(tiny, family):
     full = torch.cat([logits, logits.new_zeros(*logits.shape[:-1], padded_vocab - logits.shape[-1])], dim=-1)
     expected = torch.nn.functional.cross_entropy(full.transpose(1, 2), labels, reduction="none")
     assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_layerwise_verify_refuses_the_mimo_model(tiny):
+    """The layerwise path streams ckptconv's own model stages; for a MimoModel it would compare
+    something else, so it says so instead."""
+    with pytest.raises(ConversionError, match="not megatron-core's MimoModel; verify a mimo-layout checkpoint with --whole-model"):
+        verify(tiny["qwen2_5_vl"]["hf"], tiny["qwen2_5_vl"]["tp1"], layerwise=True)
