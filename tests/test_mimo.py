@@ -90,6 +90,11 @@ def test_mimo_checkpoint_has_exactly_the_keys_of_megatron_cores_mimo_model(tiny,
     assert {key.split(".")[2] for key in live if key.startswith("modality_submodules.")} == {"encoders", "input_projections"}
     assert any(k.startswith(f"modality_submodules.images.encoders.{ENCODERS[family]}.") for k in live)
     assert json.loads((tiny[family]["tp1"] / "ckptconv.json").read_text())["key_layout"] == "mimo"
+    # Megatron-Bridge's run_config.yaml names no Bridge provider for these keys and records the layout.
+    import yaml
+
+    run_config = yaml.safe_load((tiny[family]["tp1"] / "release" / "run_config.yaml").read_text())
+    assert run_config["ckptconv"]["layout"] == "mimo" and "_target_" not in run_config["model"]
 
 
 def test_the_layout_is_one_prefix_map_over_the_bridge_table():

@@ -27,6 +27,7 @@ import warnings
 import torch
 
 from ckptconv.errors import ConversionError
+from ckptconv.megatron.common import with_te_norm_extra_state
 
 IMAGES = "images"
 """The modality name (``modality_submodules.images``), as in Megatron-LM's MIMO examples."""
@@ -86,6 +87,9 @@ class FamilyMimoModel(_mimo_base()):
             warnings.filterwarnings("ignore", message=".*experimental.*", category=UserWarning)
             super().__init__(mimo_config)
         check_replicated_modalities(self)
+        # Ask for the keys a Transformer Engine-spec language model asks for (norm `_extra_state`s),
+        # as the family's own model does; the HF modules under modality_submodules are left alone.
+        with_te_norm_extra_state(self)
         self.spec = spec
         self.to(dtype)
 
