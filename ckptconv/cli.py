@@ -154,7 +154,7 @@ def hf_to_mcore(
 
         if dry_run:
             planned = prepare(src, ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, make_vocab_size_divisible_by=vocab_multiple),
-                              language_model_only, key_layout.value)
+                              language_model_only, key_layout=key_layout.value)
             rows = describe_plan(planned.plan)
             if as_json:
                 print(json.dumps({"family": planned.plan.spec.family, "items": rows}, indent=2))

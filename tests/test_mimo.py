@@ -305,3 +305,9 @@ def test_layerwise_verify_refuses_the_mimo_model(tiny):
     something else, so it says so instead."""
     with pytest.raises(ConversionError, match="not megatron-core's MimoModel; verify a mimo-layout checkpoint with --whole-model"):
         verify(tiny["qwen2_5_vl"]["hf"], tiny["qwen2_5_vl"]["tp1"], layerwise=True)
+
+
+def test_language_model_only_does_not_combine_with_the_mimo_layout(tiny, tmp_path):
+    with pytest.raises(ConversionError, match="--language-model-only .* --layout mimo does not apply"):
+        convert_hf_to_mcore(str(tiny["qwen2_5_vl"]["hf"]), tmp_path / "out", language_model_only=True, key_layout="mimo")
+    assert not (tmp_path / "out").exists()

@@ -40,7 +40,7 @@ class PlannedConversion:
     """HF tensors deliberately not converted (the vision parts under ``--language-model-only``)."""
 
 
-def prepare(src: str, layout: ParallelLayout, language_model_only: bool = False,
+def prepare(src: str, layout: ParallelLayout, language_model_only: bool = False, *,
             key_layout: str = DEFAULT_KEY_LAYOUT) -> PlannedConversion:
     """Everything that can fail before a byte is written: source, config, plan, coverage, shapes.
 
@@ -219,7 +219,7 @@ def convert_hf_to_mcore(
     rank, world_size = distributed.rank_and_world()
     layout = ParallelLayout(tp=tp, pp=pp, ep=ep, etp=etp, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     summary = Summary(command="hf-to-mcore", source=str(src), output=str(out), ranks=world_size)
-    planned = distributed.first_error_everywhere(lambda: prepare(src, layout, language_model_only, key_layout))
+    planned = distributed.first_error_everywhere(lambda: prepare(src, layout, language_model_only, key_layout=key_layout))
     source, plan = planned.source, planned.plan
     summary.notes.extend(_layout_notes(planned.source_layout))
     summary.family = plan.spec.family
@@ -374,7 +374,7 @@ def global_tensors_in_memory(src: str, layout: ParallelLayout | None = None, key
     """
     import torch
 
-    planned = prepare(src, layout or ParallelLayout(), key_layout)
+    planned = prepare(src, layout or ParallelLayout(), key_layout=key_layout)
     plan, source = planned.plan, planned.source
     out: dict[str, torch.Tensor] = {}
     for item in plan.items:
