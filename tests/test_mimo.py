@@ -311,3 +311,23 @@ def test_language_model_only_does_not_combine_with_the_mimo_layout(tiny, tmp_pat
     with pytest.raises(ConversionError, match="--language-model-only .* --layout mimo does not apply"):
         convert_hf_to_mcore(str(tiny["qwen2_5_vl"]["hf"]), tmp_path / "out", language_model_only=True, key_layout="mimo")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["Qwen2.5-VL-3B-Instruct", "ERNIE-4.5-VL-28B-A3B-Thinking"])
+def test_release_shaped_sources_convert_to_the_mimo_layout_and_back(name, tmp_path):
+    """What users have: the released config and on-disk names (sharded files; ERNIE Thinking's flat
+    config and top-level vision_model.*), cut to a few layers. Oracles: transformers' logits through
+    a strictly loaded MimoModel, and the source bytes after export."""
+    from test_releases import SHAPES, cut_config
+
+    from ckptconv.fixtures import make_release_shaped
+
+    shape = SHAPES[name]
+    src = make_release_shaped(cut_config(name), tmp_path / "hf", spellings=shape.get("spellings"),
+                              extra_files=shape.get("files"), seed=3)
+    convert_hf_to_mcore(str(src), tmp_path / "mimo", key_layout="mimo")
+    report = verify(src, tmp_path / "mimo", megatron_model="mimo")
+    assert report.passed and report.megatron_model == "mimo", report.as_dict()
+    convert_mcore_to_hf(tmp_path / "mimo", tmp_path / "back")
+    assert_same_safetensors(src, tmp_path / "back")
+    assert len(list(src.glob("*.safetensors"))) > 1
