@@ -26,7 +26,7 @@ def _text_ids(hf_dir, text: str, vocab_size: int, reserved: set[int]) -> list[in
         try:
             from transformers import AutoTokenizer
 
-            ids = AutoTokenizer.from_pretrained(str(hf_dir))(text, add_special_tokens=False)["input_ids"]
+            ids = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=False)(text, add_special_tokens=False)["input_ids"]
             if all(0 <= i < vocab_size and i not in reserved for i in ids):
                 return list(ids)
         except Exception:  # a remote-code or broken tokenizer: fall back to deterministic ids

@@ -40,7 +40,7 @@ def _load_tokenizer(hf_dir):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(hf_dir))
+        return AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=False)
     except Exception:  # unusable (e.g. remote-code) tokenizer: deterministic ids instead
         return None
 
