@@ -181,9 +181,9 @@ def make_real_width(
 ) -> Path:
     """Random checkpoint with published widths but only ``num_layers`` decoder layers.
 
-    ``family``: ``"qwen2_5_vl"`` (``variant`` ``"3b"`` (default) or ``"7b"``),
-    ``"ernie4_5_vl_moe"`` (ERNIE-4.5-VL-28B-A3B) or ``"step3p7"`` (Step-3.7-Flash;
-    layers 0-2 dense, MoE from layer 3). ``vision_layers`` vision blocks (default 2).
+    ``family``: a registered family's name; its ``Family.real_width_config`` gives the published
+    widths (``variant`` picks a size where the family has several, e.g. Qwen2.5-VL's 3B and 7B).
+    ``vision_layers`` vision blocks (default 2).
     ``num_experts`` optionally shrinks the routed-expert count of MoE families
     (a single real-width Step3.7 MoE layer with all 288 experts is ~9 GB in bf16).
 

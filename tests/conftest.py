@@ -12,8 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from ckptconv.families import FAMILIES, get_family
+
 REPO = Path(__file__).resolve().parent.parent
 HELPERS = REPO / "tests" / "helpers"
+sys.path.insert(0, str(HELPERS))  # helpers the tests import (check_loaded_model, tamper)
+
+FAMILY_NAMES = [family.name for family in FAMILIES]
+"""Every registered family: the conformance suite is parametrized over these."""
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
@@ -48,12 +54,68 @@ def torchrun(script_or_module: list[str], nproc: int = 2, timeout: int = 300) ->
     return subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=timeout, cwd=REPO)
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen(tmp_path_factory) -> Path:
-    """Tiny random Qwen2.5-VL, untied lm_head, GQA (4 heads, 2 KV groups), qkv bias, vocab 320."""
-    from ckptconv.families.qwen2_5_vl.fixtures import make_tiny_qwen2_5_vl
+class FamilyCase:
+    """A registered family's tiny random checkpoint (seed 0) and what the tests make of it, each made
+    once per session on first use: its spec, its conversions per (tp, ep), the conversion of another
+    seed's weights, and verify against it."""
 
-    return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "hf")
+    def __init__(self, name: str, root: Path):
+        self.family = get_family(name)
+        self.root = root
+        self.hf_dir = self.family.make_tiny(root / "hf", seed=0)
+        self._converted: dict[tuple[int, int], Path] = {}
+
+    @property
+    def spec(self):
+        from ckptconv.families import normalize_config
+        from ckptconv.pipeline.source import read_config
+
+        return normalize_config(read_config(self.hf_dir))
+
+    def converted(self, tp: int = 1, ep: int = 1) -> Path:
+        """``hf-to-mcore`` of the checkpoint at this layout (do not modify: copy it first)."""
+        if (tp, ep) not in self._converted:
+            from ckptconv.pipeline.hf_to_mcore import convert_hf_to_mcore
+
+            out = self.root / f"mcore_tp{tp}_ep{ep}"
+            convert_hf_to_mcore(str(self.hf_dir), out, tp=tp, ep=ep)
+            self._converted[(tp, ep)] = out
+        return self._converted[(tp, ep)]
+
+    def converted_other_seed(self) -> Path:
+        """A right conversion of different weights (seed 1, same shapes)."""
+        out = self.root / "mcore_seed1"
+        if not out.exists():
+            from ckptconv.pipeline.hf_to_mcore import convert_hf_to_mcore
+
+            convert_hf_to_mcore(str(self.family.make_tiny(self.root / "hf_seed1", seed=1)), out)
+        return out
+
+    def verify(self, ckpt, **options):
+        """``ckptconv verify`` of this checkpoint's HF source against ``ckpt``, in process, on CPU."""
+        from ckptconv.verify.runner import run_verify
+
+        return run_verify(self.hf_dir, ckpt, device="cpu", **options)
+
+
+@pytest.fixture(scope="session")
+def case(tmp_path_factory):
+    """``case(family_name)`` -> that family's :class:`FamilyCase`, shared by the whole session."""
+    cases: dict[str, FamilyCase] = {}
+
+    def get(name: str) -> FamilyCase:
+        if name not in cases:
+            cases[name] = FamilyCase(name, tmp_path_factory.mktemp(name))
+        return cases[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(case) -> Path:
+    """Tiny random Qwen2.5-VL, untied lm_head, GQA (4 heads, 2 KV groups), qkv bias, vocab 320
+    (the conformance suite's Qwen checkpoint)."""
+    return case("qwen2_5_vl").hf_dir
 
 
 @pytest.fixture(scope="session")

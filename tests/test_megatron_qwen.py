@@ -1,19 +1,16 @@
-"""The Megatron Qwen2.5-VL model: its checkpoint keys are the contract, and it computes what HF computes.
+"""The Megatron Qwen2.5-VL model: what its key contract spells out, and what is particular to Qwen.
 
-Weights go HF -> Megatron here through an independent, in-memory mapping (q/k/v interleaved per
-query group, fc1 = cat(gate, up), vocab padded with zeros) and the model's own sharded_state_dict,
-so these tests pin the model, not the converter.
-
-Run as a script under torchrun, this file is also the TP=2 worker (see ``_tp2_worker``).
+Weights go HF -> Megatron here through the independent reference (tests/oracles/hf_reference.py:
+q/k/v interleaved per query group, fc1 = cat(gate, up); vocab padded with zeros) and the model's own
+sharded_state_dict,
+so these tests pin the model, not the converter. Golden keys, logits against HF at TP=1/2, strict
+loads and wrong-weight rejection are the conformance suite's (tests/test_conformance.py), the
+same for every family.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN_KEYS = REPO / "tests" / "data" / "qwen2_5_vl_tiny_keys.json"
-FP32_MAX_ABS = 1e-4
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -31,46 +27,6 @@ def padded_vocab(vocab: int, tp: int) -> int:
     return -(-vocab // (128 * tp)) * 128 * tp
 
 
-def hf_to_megatron_tensors(hf: dict[str, torch.Tensor], spec, padded: int) -> dict[str, torch.Tensor]:
-    """Global checkpoint tensors (keys of the contract) from the HF on-disk tensors."""
-    L, groups, heads, d = spec.num_layers, spec.num_query_groups, spec.num_attention_heads, spec.head_dim
-
-    def layer(l: int, name: str) -> torch.Tensor:
-        return hf[f"model.layers.{l}.{name}"]
-
-    def qkv(l: int, kind: str) -> torch.Tensor:
-        # rows per query group g: [q_g (heads/groups heads), k_g, v_g]
-        q, k, v = (layer(l, f"self_attn.{p}_proj.{kind}") for p in "qkv")
-        tail = q.shape[1:]
-        per_group = [q.reshape(groups, heads // groups * d, *tail), k.reshape(groups, d, *tail), v.reshape(groups, d, *tail)]
-        return torch.cat(per_group, dim=1).reshape(-1, *tail)
-
-    def pad_vocab(w: torch.Tensor) -> torch.Tensor:
-        return torch.cat([w, w.new_zeros(padded - w.shape[0], w.shape[1])])
-
-    def stacked(fn) -> torch.Tensor:
-        return torch.stack([fn(l) for l in range(L)])
-
-    p = "language_model."
-    out = {
-        p + "embedding.word_embeddings.weight": pad_vocab(hf["model.embed_tokens.weight"]),
-        p + "decoder.final_layernorm.weight": hf["model.norm.weight"],
-        p + "decoder.layers.self_attention.linear_qkv.layer_norm_weight": stacked(lambda l: layer(l, "input_layernorm.weight")),
-        p + "decoder.layers.self_attention.linear_qkv.weight": stacked(lambda l: qkv(l, "weight")),
-        p + "decoder.layers.self_attention.linear_qkv.bias": stacked(lambda l: qkv(l, "bias")),
-        p + "decoder.layers.self_attention.linear_proj.weight": stacked(lambda l: layer(l, "self_attn.o_proj.weight")),
-        p + "decoder.layers.mlp.linear_fc1.layer_norm_weight": stacked(lambda l: layer(l, "post_attention_layernorm.weight")),
-        p + "decoder.layers.mlp.linear_fc1.weight": stacked(
-            lambda l: torch.cat([layer(l, "mlp.gate_proj.weight"), layer(l, "mlp.up_proj.weight")])
-        ),
-        p + "decoder.layers.mlp.linear_fc2.weight": stacked(lambda l: layer(l, "mlp.down_proj.weight")),
-    }
-    if not spec.tie_word_embeddings:
-        out[p + "output_layer.weight"] = pad_vocab(hf["lm_head.weight"])
-    out.update({k: v for k, v in hf.items() if k.startswith("visual.")})
-    return out
-
-
 def load_spec(hf_dir):
     from ckptconv.families import normalize_config
 
@@ -78,16 +34,20 @@ def load_spec(hf_dir):
 
 
 def megatron_from_hf(hf_dir, tp: int):
-    """A Megatron model at the current TP size holding the HF checkpoint's weights."""
-    from safetensors.torch import load_file
+    """A Megatron model at the current TP size holding the HF checkpoint's weights, placed through
+    the independent reference (tests/oracles/hf_reference.py), not the converter."""
+    from check_loaded_model import PADDED_ROWS
+    from oracles.hf_reference import reference_tensors
 
-    from ckptconv.megatron.load import fill_from_global_tensors
     from ckptconv.families.qwen2_5_vl.model import build_model
+    from ckptconv.megatron.load import fill_from_global_tensors
 
     spec = load_spec(hf_dir)
     padded = padded_vocab(spec.vocab_size, tp)
     model = build_model(spec, padded_vocab_size=padded)
-    fill_from_global_tensors(model, hf_to_megatron_tensors(load_file(str(Path(hf_dir) / "model.safetensors")), spec, padded))
+    tensors = {key: torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])]) if key.endswith(PADDED_ROWS) else t
+               for key, t in reference_tensors(hf_dir, "qwen2_5_vl").items()}
+    fill_from_global_tensors(model, tensors)
     return model, spec
 
 
@@ -100,26 +60,6 @@ def test_inputs(hf_dir):
 
 
 test_inputs.__test__ = False  # a helper, not a test
-
-
-@torch.no_grad()
-def max_abs_vs_hf(model, hf_model, inp) -> float:
-    ours = model(**inp.mcore_kwargs)
-    ref = hf_model(use_cache=False, **inp.hf_kwargs).logits
-    assert ours.shape == ref.shape
-    return float((ours - ref).abs().max())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [str(REPO / ".venv" / "bin" / "torchrun"), "--nproc-per-node", str(nproc), "--master-port", str(free_port()), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -139,23 +79,7 @@ def parallel():
     return runtime.init_parallel(tp=1, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def hf_model(tiny_hf):
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(str(tiny_hf)).eval()
-
-
 # --------------------------------------------------------------------------- the key contract
-
-
-def test_sharded_state_dict_keys_and_shapes_match_the_golden_manifest(tiny_hf, parallel):
-    from ckptconv.megatron.load import sharded_manifest
-    from ckptconv.families.qwen2_5_vl.model import build_model
-
-    spec = load_spec(tiny_hf)
-    model = build_model(spec, padded_vocab_size=padded_vocab(spec.vocab_size, 1))
-    assert sharded_manifest(model.sharded_state_dict()) == json.loads(GOLDEN_KEYS.read_text())
 
 
 def test_manifest_spells_out_the_contract(tiny_hf):
@@ -195,19 +119,6 @@ def test_padded_vocab_must_cover_the_vocab(tiny_hf, parallel):
 # --------------------------------------------------------------------------- forward equivalence, TP=1
 
 
-def test_text_only_logits_match_hf(tiny_hf, parallel, hf_model):
-    model, _ = megatron_from_hf(tiny_hf, tp=1)
-    text, _ = test_inputs(tiny_hf)
-    assert max_abs_vs_hf(model, hf_model, text) <= FP32_MAX_ABS
-
-
-def test_image_logits_match_hf(tiny_hf, parallel, hf_model):
-    model, _ = megatron_from_hf(tiny_hf, tp=1)
-    _, image = test_inputs(tiny_hf)
-    assert tuple(image.mcore_kwargs["image_grid_thw"][0].tolist()) == (1, 6, 10)  # not square: h/w mix-ups show
-    assert max_abs_vs_hf(model, hf_model, image) <= FP32_MAX_ABS
-
-
 def test_image_positions_are_3d_like_hf(tiny_hf, parallel):
     """Image tokens get (t, h, w) positions; the text after them resumes at max + 1."""
     model, spec = megatron_from_hf(tiny_hf, tp=1)
@@ -221,16 +132,6 @@ def test_image_positions_are_3d_like_hf(tiny_hf, parallel):
     after = int(is_image.nonzero()[-1]) + 1
     assert torch.equal(pos[:, after], torch.full((3,), int(img.max()) + 1))
     assert torch.equal(pos[:, :first], torch.arange(first).expand(3, first))
-
-
-def test_wrong_weights_do_not_match_hf(tiny_hf, parallel, hf_model):
-    """The equivalence check itself can fail: a model built from other weights is far off."""
-    from ckptconv.families.qwen2_5_vl.fixtures import make_tiny_qwen2_5_vl
-
-    other = make_tiny_qwen2_5_vl(tiny_hf.parent / "other_seed", seed=1, with_processor=False)
-    model, _ = megatron_from_hf(other, tp=1)
-    text, _ = test_inputs(tiny_hf)
-    assert max_abs_vs_hf(model, hf_model, text) > 100 * FP32_MAX_ABS
 
 
 # --------------------------------------------------------------------------- loading checkpoints
@@ -285,52 +186,3 @@ def test_family_registry_names_missing_models():
         model_builder("llama")
 
 
-# --------------------------------------------------------------------------- TP=2
-
-
-def test_logits_match_hf_at_tp2(tiny_hf, tmp_path):
-    out = tmp_path / "tp2.json"
-    proc = torchrun([str(Path(__file__).resolve()), str(tiny_hf), str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
-    assert results["tp"] == 2
-    assert results["text_max_abs"] <= FP32_MAX_ABS
-    assert results["image_max_abs"] <= FP32_MAX_ABS
-    # each rank holds half of the vocab and of the qkv rows; the vision tower whole, main copy on rank 0
-    assert results["local_qkv_rows"] == [64, 64]
-    assert results["vision_main_replica"] == [True, False]
-
-
-def _tp2_worker(hf_dir: str, out: str) -> None:
-    import torch.distributed as dist
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from transformers import AutoModelForImageTextToText
-
-    from ckptconv.megatron import runtime
-
-    runtime.init_parallel(tp=2, device="cpu")
-    model, _ = megatron_from_hf(hf_dir, tp=2)
-    hf_model = AutoModelForImageTextToText.from_pretrained(hf_dir).eval()
-    text, image = test_inputs(Path(hf_dir))
-    sharded = model.sharded_state_dict()
-    vision = sharded["visual.patch_embed.proj.weight"]
-    assert isinstance(vision, ShardedTensor)
-    facts = {
-        "tp": dist.get_world_size(),
-        "text_max_abs": max_abs_vs_hf(model, hf_model, text),
-        "image_max_abs": max_abs_vs_hf(model, hf_model, image),
-        "local_qkv_rows": model.language_model.decoder.layers[0].self_attention.linear_qkv.weight.shape[0],
-        "vision_main_replica": all(r == 0 for r in vision.replica_id),
-    }
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, facts)
-    if dist.get_rank() == 0:
-        result = {k: max(g[k] for g in gathered) for k in ("tp", "text_max_abs", "image_max_abs")}
-        result["local_qkv_rows"] = [g["local_qkv_rows"] for g in gathered]
-        result["vision_main_replica"] = [g["vision_main_replica"] for g in gathered]
-        Path(out).write_text(json.dumps(result))
-    runtime.destroy_parallel()
-
-
-if __name__ == "__main__":
-    _tp2_worker(sys.argv[1], sys.argv[2])

@@ -230,9 +230,9 @@ PARALLEL_CHECKS = [
 
 
 def test_tp2_and_ep2_checkpoints_load_strictly_into_megatron_core(release_dirs, tmp_path):
-    """Oracle: real megatron-core (dist_checkpointing.load, strict) in two gloo processes; every
-    parameter shard equals the source put through the table (converted at that TP / EP, as a user
-    would)."""
+    """Oracles: real megatron-core (dist_checkpointing.load, strict) in two gloo processes; every
+    parameter shard equals the source put through the independent reference
+    (tests/oracles/hf_reference.py; converted at that TP / EP, as a user would)."""
     jobs = []
     for name, tp, ep in PARALLEL_CHECKS:
         out = _convert(release_dirs[name], tmp_path / f"{_slug(name)}_tp{tp}_ep{ep}", tp=tp, ep=ep)
