@@ -30,7 +30,7 @@ def files_to_touch() -> dict[str, str]:
 def test_the_document_lists_the_package_table_and_registry_and_tests():
     paths = files_to_touch()
     assert f"mappings/{EXAMPLE}.toml" in paths and "ckptconv/families/__init__.py" in paths
-    assert {p.rsplit("/", 1)[1] for p in paths if p.startswith(f"ckptconv/families/{EXAMPLE}/")} == {
+    assert {p.rsplit("/", 1)[1] for p in paths if p.startswith(f"ckptconv/families/{EXAMPLE}/")} >= {
         "__init__.py", "config.py", "transforms.py", "model.py", "inputs.py", "fixtures.py"}
     assert f"tests/data/{EXAMPLE}_tiny_keys.json" in paths and "tests/oracles/hf_reference.py" in paths
 
@@ -64,7 +64,9 @@ def test_every_package_part_provides_what_the_document_says(family):
         module = cells[0].strip("`").removesuffix(".py")
         names = re.findall(r"`([A-Za-z_]+)(?:\(|\s*=)", cells[1])
         promised[module] = [n for n in names if n not in ("FAMILY",)]
-    assert set(promised) == {"config", "transforms", "model", "inputs", "fixtures", "__init__"}
+    assert {"config", "model", "inputs", "fixtures", "__init__"} <= set(promised)
+    listed = {p.rsplit("/", 1)[1].removesuffix(".py") for p in files_to_touch() if p.startswith(f"ckptconv/families/{EXAMPLE}/")}
+    assert listed == set(promised), "the package table and the files to touch list different modules"
     for module, names in promised.items():
         if module == "__init__" or (module == "transforms" and not fam.has_transforms):
             continue

@@ -24,7 +24,6 @@ from ckptconv.families import normalize_config
 
 RELEASE_CONFIG = Path(__file__).parent / "data" / "releases" / "step_3_7_flash" / "config.json"
 TOLERANCE = 1e-4  # max |logit difference| in fp32
-STEP_TEST = Path(__file__).parent / "test_step3p7.py"  # its --worker checks TP/EP loads of any Step3.7 dir
 
 # The 17 tensors of one MTP layer on disk (issue 14; vLLM step3p5_mtp.py loads exactly these).
 MTP_HF_SUFFIXES = (
@@ -193,14 +192,17 @@ def test_the_converted_release_loads_strictly_and_verifies_against_transformers(
 
 
 def test_tp2_and_ep2_ranks_load_the_release_strictly_and_match_transformers(converted, release_dir):
-    """Oracle: each rank's loaded shards equal the source through the table (MTP included), and
-    logits equal transformers'; two gloo processes (test_step3p7.py's worker)."""
-    from conftest import torchrun
+    """Oracles: real megatron-core (strict load in two gloo processes), the independent reference
+    (each rank's shards equal the source through tests/oracles/hf_reference.py, MTP included) and
+    real HF (logits on text and image); tests/helpers/check_loaded_model.py."""
+    from conftest import HELPERS, torchrun
 
-    runs = [f"{converted[(tp, ep)]}:{tp}:{ep}" for tp, ep in ((2, 1), (1, 2))]
-    result = torchrun([STEP_TEST, "--worker", release_dir, *runs], nproc=2, timeout=300)
+    runs = []
+    for tp, ep in ((2, 1), (1, 2)):
+        runs += [converted[(tp, ep)], release_dir, tp, ep]
+    result = torchrun([HELPERS / "check_loaded_model.py", "--logits", *runs], nproc=2, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count(" OK") == 4, result.stdout
+    assert result.stdout.count("shards checked, 0 differ") == 4, result.stdout
 
 
 @pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 2)])
